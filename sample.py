@@ -1,0 +1,73 @@
+"""
+Generate text with a trained PixelDLM checkpoint (its EMA weights).
+
+$ python sample.py --out_dir=out-classroom
+$ python sample.py --out_dir=out --num_samples=8 --steps=50 --seed=7 --png=samples.png
+"""
+import argparse
+import os
+import struct
+import sys
+import zlib
+from contextlib import nullcontext
+
+import torch
+
+from pixeldlm import JiT, MODEL_KEYS, generate, get_encoding
+
+
+def write_png(path, rgb):
+    """(H, W, 3) uint8 array -> PNG file, with zlib alone (no PIL)."""
+    height, width, _ = rgb.shape
+    rows = b''.join(b'\x00' + rgb[y].tobytes() for y in range(height))  # each row: filter 0, then pixels
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
+    parser.add_argument('--num_samples', type=int, default=3)
+    parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
+    parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
+    parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
+    parser.add_argument('--prompt', help='text to answer (needs a checkpoint fine-tuned on prompt/answer pairs)')
+    args = parser.parse_args()
+
+    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} not found; train a model first (python pixeldlm.py --preset=classroom) "
+                 f"or point --out_dir at a folder with ckpt.pt")
+    if args.prompt is not None:
+        sys.exit(f"error: {ckpt_path} was trained on plain text only; --prompt needs a checkpoint "
+                 f"fine-tuned on prompt/answer pairs")
+    device = args.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)  # a checkpoint can't run code
+    config, meta = checkpoint['config'], checkpoint['meta']
+    model = JiT(**{k: config[k] for k in MODEL_KEYS}).to(device)
+    model.load_state_dict(checkpoint['ema'])
+    model.eval()
+    enc = get_encoding(meta['encoding'])
+
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
+    with autocast:
+        images, ids, texts = generate(model, enc, args.num_samples, args.steps, args.seed, config['color_base'])
+    for i, (text, n_invalid) in enumerate(texts):
+        print(f"---------- sample {i} ({args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids)")
+        print(text)
+    print('----------')
+    if args.png:
+        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # base 256: color = digits
+        gap = torch.full((3, pixels.shape[2], 1), 255, dtype=torch.uint8)
+        strip = torch.cat([torch.cat([img, gap], dim=2) for img in pixels], dim=2)[:, :, :-1]
+        scale = max(1, 256 // pixels.shape[2])  # nearest-neighbour upscale so small images are visible
+        strip = strip.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        write_png(args.png, strip.permute(1, 2, 0).contiguous().numpy())
+        print(f"wrote {args.png}")
