@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -79,8 +80,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes
     'classroom': dict(out_dir='out-classroom', img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
-                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1500,
-                      warmup_iters=100, ema_decay=0.999, eval_interval=500, eval_iters=10, log_interval=50,
+                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=800,
+                      warmup_iters=100, ema_decay=0.999, eval_interval=200, eval_iters=10, log_interval=50,
                       compile=False),
 }
 
@@ -420,6 +421,14 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def load_checkpoint(path, map_location):
+    """Tensors, numbers and strings only (weights_only=True): a checkpoint file can never run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        sys.exit(f"error: refusing to load {path}: it holds more than tensors, numbers and strings ({e})")
+
+
 def save_checkpoint(state, path):
     torch.save(state, path + '.tmp')
     os.replace(path + '.tmp', path)  # atomic: a crash mid-save never leaves a broken ckpt.pt behind
@@ -457,7 +466,7 @@ def train():
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
             sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist; train with --init_from=scratch first")
-        checkpoint = torch.load(ckpt_path, map_location=dev, weights_only=True)  # a checkpoint can't run code
+        checkpoint = load_checkpoint(ckpt_path, dev)
         globals().update({k: checkpoint['config'][k] for k in MODEL_KEYS + ('color_base',)})
     elif init_from == 'scratch':
         if os.path.exists(ckpt_path):

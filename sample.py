@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from pixeldlm import JiT, MODEL_KEYS, generate, get_encoding
+from pixeldlm import JiT, MODEL_KEYS, generate, get_encoding, load_checkpoint
 
 
 def write_png(path, rgb):
@@ -49,7 +49,7 @@ if __name__ == '__main__':
     device = args.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)  # a checkpoint can't run code
+    checkpoint = load_checkpoint(ckpt_path, device)
     config, meta = checkpoint['config'], checkpoint['meta']
     model = JiT(**{k: config[k] for k in MODEL_KEYS}).to(device)
     model.load_state_dict(checkpoint['ema'])

@@ -1,0 +1,412 @@
+"""
+Tests that read as the specification of PixelDLM. Run: python -m pytest -q test_pixeldlm.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import pixeldlm
+from pixeldlm import (JiT, ddim_sample, diffusion_loss, generate, get_encoding, ids_to_image, ids_to_text,
+                      image_to_ids, mask_after_eot)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--img_size=8', '--patch_size=2', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=4',
+        '--learning_rate=1e-3', '--warmup_iters=2', '--eval_iters=2', '--log_interval=1', '--compile=False',
+        '--device=cpu']
+
+
+@pytest.fixture(scope='module')
+def enc():
+    return get_encoding('cl100k_base')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('data')
+    run('prepare_data.py', f'--out_dir={out}')
+    return str(out)
+
+
+def run(script, *args, check=True, cwd=REPO):
+    """Run a project script as a user would; returns the finished process (stdout + stderr in .out)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, *script.split(), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    proc.out = proc.stdout + proc.stderr
+    if check:
+        assert proc.returncode == 0, proc.out
+    return proc
+
+
+def text_canvas(ids, eot_id, n_pixels):
+    return mask_after_eot(torch.tensor([ids + [eot_id] * (n_pixels - len(ids))]), eot_id)
+
+
+# ----------------------------------------------------------------------------- codec
+
+def test_codec_round_trips_every_id_of_the_encoding(enc):
+    ids = torch.arange(enc.n_vocab)
+    ids = torch.cat([ids, torch.zeros(-len(ids) % 4096, dtype=torch.long)]).view(-1, 4096)
+    image = ids_to_image(ids, 256)
+    assert image.shape == (len(ids), 3, 64, 64) and image.min() >= -1 and image.max() <= 1
+    assert torch.equal(image_to_ids(image, 256), ids)
+    assert torch.equal(image_to_ids(ids_to_image(ids, 47), 47), ids)  # any base whose cube covers the vocab
+
+
+def test_codec_uses_the_seed_digits_row_major():
+    ids = torch.tensor([[0, 1, 256, 65536, 100257, 5, 6, 7, 8]])
+    digits = ((ids_to_image(ids, 256) + 1) / 2 * 255).round().long()
+    assert digits[0, :, 0, 0].tolist() == [0, 0, 0]
+    assert digits[0, :, 0, 1].tolist() == [1, 0, 0]  # R is the least significant digit
+    assert digits[0, :, 0, 2].tolist() == [0, 1, 0]
+    assert digits[0, :, 1, 0].tolist() == [0, 0, 1]  # row-major: the 4th id starts the second row
+    assert digits[0, :, 1, 1].tolist() == [100257 % 256, 100257 // 256 % 256, 1]
+
+
+def test_decoding_rounds_to_the_nearest_color_and_clamps():
+    ids = torch.randint(0, 100277, (2, 16))
+    image = ids_to_image(ids, 256)
+    spacing = 2 / 255
+    assert torch.equal(image_to_ids(image - 0.45 * spacing, 256), ids)  # truncation would fail here
+    assert torch.equal(image_to_ids(image + 0.45 * spacing, 256), ids)
+    assert image_to_ids(torch.full((1, 3, 2, 2), 7.0), 256).unique().item() == 256 ** 3 - 1
+    assert image_to_ids(torch.full((1, 3, 2, 2), -7.0), 256).unique().item() == 0
+
+
+def test_real_text_round_trips_and_the_mask_covers_end_of_text_not_padding(enc):
+    text = "Lists are mutable sequences, typically used to store collections of homogeneous items."
+    ids = enc.encode_ordinary(text)
+    canvas, mask = text_canvas(ids, enc.eot_token, 256)
+    decoded = image_to_ids(ids_to_image(canvas, 256), 256)[0].tolist()
+    assert ids_to_text(decoded, enc) == (text, 0)
+    assert mask[0, :len(ids) + 1].eq(1).all()  # the text and its end-of-text count
+    assert mask[0, len(ids) + 1:].eq(0).all()  # the padding does not
+    assert canvas[0, len(ids):].eq(enc.eot_token).all()
+
+
+def test_mask_ends_each_text_at_its_first_end_of_text():
+    ids, mask = mask_after_eot(torch.tensor([[5, 6, 9, 7, 9, 8], [1, 2, 3, 4, 5, 6]]), eot_id=9)
+    assert ids.tolist() == [[5, 6, 9, 9, 9, 9], [1, 2, 3, 4, 5, 6]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+
+
+def test_decoding_counts_ids_outside_the_vocabulary_instead_of_crashing(enc):
+    hello = enc.encode_ordinary("hello")
+    image = ids_to_image(torch.tensor([hello + [200000, 100256, enc.eot_token] + [5] * 5]), 256)
+    text, n_invalid = ids_to_text(image_to_ids(image, 256)[0].tolist(), enc)
+    assert text == "hello" and n_invalid == 2  # 100256 is a hole in cl100k_base; the 5 after eot is ignored
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_jit_b4_parameter_count():
+    with torch.device('meta'):
+        model = JiT(img_size=64, patch_size=4, n_layer=12, n_head=12, n_embd=768)
+    d, hidden, patch = 768, 2048, 3 * 4 * 4
+    block = (d * 3 * d + 3 * d) + 2 * 64 + (d * d + d) + (d * 2 * hidden + 2 * hidden) + (hidden * d + d) \
+        + (d * 6 * d + 6 * d)
+    expected = (patch * d + d) + (256 * d + d + d * d + d) + 12 * block + (d * 2 * d + 2 * d) + (d * patch + patch)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == expected == 129_597_744
+    assert model.pos_embed.shape == (2 * 256, 768)  # condition patches, then target patches
+
+
+def tiny_model(seed=0, randomize=False):
+    torch.manual_seed(seed)
+    model = JiT(img_size=8, patch_size=2, n_layer=2, n_head=2, n_embd=32)
+    if randomize:  # move off the zero init, so that every path of the network matters
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_output_shapes_with_and_without_condition():
+    model = tiny_model(randomize=True)
+    z, t, cond = torch.randn(3, 3, 8, 8), torch.rand(3), torch.randn(3, 3, 8, 8)
+    assert model(z, t).shape == (3, 3, 8, 8)
+    assert model(z, t, cond).shape == (3, 3, 8, 8)
+    assert model(z, t, cond, torch.tensor([True, False, True])).shape == (3, 3, 8, 8)
+    assert not torch.allclose(model(z, t, cond), model(z, t))  # the condition is seen
+
+
+def test_every_block_is_the_identity_and_the_output_zero_at_init():
+    model = tiny_model()
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+    assert model(torch.randn(2, 3, 8, 8), torch.rand(2)).abs().max() == 0
+
+
+def test_an_unconditional_batch_runs_the_target_alone_and_equals_the_masked_full_sequence():
+    model = tiny_model(randomize=True)
+    z, t, cond = torch.randn(4, 3, 8, 8), torch.rand(4), torch.randn(4, 3, 8, 8)
+    alone = model(z, t)
+    masked = model(z, t, cond, cond_keep=torch.zeros(4, dtype=torch.bool))
+    assert torch.allclose(alone, masked, atol=1e-5)
+    mixed = model(z, t, cond, cond_keep=torch.tensor([False, True, False, True]))
+    assert torch.allclose(mixed[[0, 2]], alone[[0, 2]], atol=1e-5)
+    assert torch.allclose(mixed[[1, 3]], model(z, t, cond)[[1, 3]], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- loss
+
+class FixedPrediction(torch.nn.Module):
+    """A stand-in denoiser that returns a given x_hat and records what it was asked."""
+    def __init__(self, x_hat):
+        super().__init__()
+        self.x_hat, self.calls = x_hat, []
+
+    def forward(self, z, t, cond=None, cond_keep=None):
+        self.calls.append((z.clone(), t.clone()))
+        return self.x_hat.clone()
+
+
+def test_loss_ignores_padding_and_counts_the_end_of_text_pixel(enc):
+    ids = enc.encode_ordinary("A short text.")
+    canvas, mask = text_canvas(ids, enc.eot_token, 64)
+    x, mask = ids_to_image(canvas, 256), mask.view(1, 1, 8, 8)
+    t, noise = torch.tensor([0.7]), torch.randn(1, 3, 8, 8)
+    x_pred = x + 0.1 * torch.randn_like(x)
+    loss = diffusion_loss(FixedPrediction(x_pred), x, mask, t, noise)
+    eot_row, eot_col = divmod(len(ids), 8)
+    pred_other_padding = x_pred.clone()
+    pred_other_padding.view(3, -1)[:, len(ids) + 1:] = 0.9
+    assert diffusion_loss(FixedPrediction(pred_other_padding), x, mask, t, noise) == loss
+    pred_other_eot = x_pred.clone()
+    pred_other_eot[0, :, eot_row, eot_col] += 0.5
+    assert diffusion_loss(FixedPrediction(pred_other_eot), x, mask, t, noise) > loss
+
+
+def test_loss_is_the_v_loss_with_the_clamped_weight():
+    x, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    x_pred, mask = torch.zeros_like(x), torch.ones(2, 1, 4, 4)
+    t = torch.tensor([0.3, 0.99])
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * noise
+    v, v_pred = (x - z), (x_pred - z)
+    v, v_pred = [u / torch.tensor([0.7, 0.05]).view(-1, 1, 1, 1) for u in (v, v_pred)]
+    assert torch.allclose(diffusion_loss(FixedPrediction(x_pred), x, mask, t, noise), ((v - v_pred) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_ddim_last_step_returns_x_hat_exactly_and_the_trajectory_is_the_closed_form():
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8)
+    model = FixedPrediction(x)
+    out = ddim_sample(model, noise, steps=20)
+    assert torch.equal(out, x)
+    assert len(model.calls) == 20
+    for i, (z, t) in enumerate(model.calls):  # with a perfect x_hat, z_t stays on the line t*x + (1-t)*noise
+        assert torch.allclose(t, torch.full((2,), i / 20))
+        assert torch.allclose(z, i / 20 * x + (1 - i / 20) * noise, atol=1e-6)
+
+
+def test_ddim_step_is_the_update_from_t_to_s():
+    torch.manual_seed(0)
+    x_hats = [torch.randn(1, 3, 4, 4) for _ in range(4)]
+    class Scripted(torch.nn.Module):  # returns a different x_hat at each call
+        def forward(self, z, t):
+            return x_hats[int(round(t[0].item() * 4))]
+    noise = torch.randn(1, 3, 4, 4)
+    z = noise
+    for i in range(4):
+        t, s = i / 4, (i + 1) / 4
+        z = x_hats[i] + (1 - s) / (1 - t) * (z - x_hats[i])
+    assert torch.allclose(ddim_sample(Scripted(), noise, steps=4), z)
+    assert torch.equal(ddim_sample(Scripted(), noise, steps=4), x_hats[3])
+
+
+def test_sampling_is_seeded(enc):
+    model = tiny_model(randomize=True)
+    a = generate(model, enc, num_samples=3, steps=5, seed=7, base=256)
+    b = generate(model, enc, num_samples=3, steps=5, seed=7, base=256)
+    c = generate(model, enc, num_samples=3, steps=5, seed=8, base=256)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (3, 3, 8, 8) and a[1].shape == (3, 64) and len(a[2]) == 3
+
+
+def test_a_tiny_model_overfits_one_sentence_and_samples_it_back_exactly(enc):
+    sentence = "The quick brown fox jumps over the lazy dog."
+    canvas, mask = text_canvas(enc.encode_ordinary(sentence), enc.eot_token, 64)
+    x, mask = ids_to_image(canvas, 256).expand(16, -1, -1, -1), mask.view(1, 1, 8, 8).expand(16, -1, -1, -1)
+    torch.manual_seed(0)
+    model = JiT(img_size=8, patch_size=2, n_layer=2, n_head=2, n_embd=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0)
+    gen, steps = torch.Generator().manual_seed(0), 1000
+    for step in range(steps):
+        for group in optimizer.param_groups:  # cosine to zero: base-256 colors need precise pixels
+            group['lr'] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        t = torch.sigmoid(torch.randn(16, generator=gen) * 0.8 - 0.8)
+        loss = diffusion_loss(model, x, mask, t, torch.randn(x.shape, generator=gen))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _, _, texts = generate(model, enc, num_samples=4, steps=20, seed=0, base=256)
+    assert texts == [(sentence, 0)] * 4
+
+
+# ----------------------------------------------------------------------------- training
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_tensors(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (k, (a[k] - b[k]).abs().max())
+
+
+def test_training_logs_saves_and_sample_py_prints_text_and_writes_png(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4')
+    assert 'parameters' in proc.out and 'img/s' in proc.out and 'tok/s' in proc.out and 'mfu' in proc.out
+    assert 'val loss' in proc.out
+    checkpoint = load(out / 'ckpt.pt')
+    assert checkpoint['iter_num'] == 4 and checkpoint['config']['n_embd'] == 32
+    assert set(checkpoint) >= {'model', 'ema', 'optimizer', 'config', 'meta', 'iter_num'}
+    key = 'blocks.0.adaLN.weight'  # zero at init: the EMA has moved from there, but not all the way to the model
+    assert checkpoint['ema'][key].abs().sum() > 0 and not torch.equal(checkpoint['ema'][key], checkpoint['model'][key])
+    png = tmp_path / 's.png'
+    proc = run('sample.py', f'--out_dir={out}', '--num_samples=2', '--steps=3', '--device=cpu', f'--png={png}')
+    assert proc.out.count('---------- sample') == 2
+    data = png.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    idat = data[data.index(b'IDAT') + 4:data.index(b'IEND') - 8]
+    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
+    assert height == 256 and width == 2 * 256 + 32  # two 8x8 images at 32x, a 1-pixel gap between
+
+
+def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    probe = tmp_path / 'probe.py'
+    probe.write_text("import os, sys, torch, pixeldlm\n"
+                     "pixeldlm.configure(sys.argv[1:])\n"
+                     "model = pixeldlm.train()\n"
+                     "torch.save(model.state_dict(), os.path.join(pixeldlm.out_dir, f\"rank{os.environ.get('RANK', 0)}.pt\"))\n")
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=3', '--gradient_accumulation_steps=2', '--dtype=float32']
+    run(f'-m torch.distributed.run --standalone --nproc_per_node=2 {probe}', *args, f'--out_dir={tmp_path}/ddp')
+    run(str(probe), *args, f'--out_dir={tmp_path}/single')
+    rank0, rank1 = load(tmp_path / 'ddp/rank0.pt'), load(tmp_path / 'ddp/rank1.pt')
+    single = load(tmp_path / 'single/rank0.pt')
+    assert_same_tensors(rank0, rank1)  # the ranks never drift apart
+    assert_same_tensors(rank0, single, exact=False)  # and they did what one process does
+    initial = tiny_model().state_dict()
+    assert not torch.allclose(single['blocks.0.adaLN.weight'], initial['blocks.0.adaLN.weight'])
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100']
+    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/straight', '--max_iters=6')
+    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/split', '--max_iters=3')
+    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/split', '--max_iters=6', '--init_from=resume')
+    straight, split = load(tmp_path / 'straight/ckpt.pt'), load(tmp_path / 'split/ckpt.pt')
+    assert split['iter_num'] == straight['iter_num'] == 6
+    assert_same_tensors(straight['model'], split['model'])
+    assert_same_tensors(straight['ema'], split['ema'])
+    for a, b in zip(straight['optimizer']['state'].values(), split['optimizer']['state'].values()):
+        assert_same_tensors(a, b)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_configure_parses_types_and_presets(monkeypatch):
+    for key in pixeldlm.config_keys:
+        monkeypatch.setattr(pixeldlm, key, getattr(pixeldlm, key))  # restored after the test
+    pixeldlm.configure(['--preset=classroom', '--n_layer', '3', '--learning_rate=1', '--compile=True'])
+    assert pixeldlm.img_size == 16 and pixeldlm.n_layer == 3  # from the preset, then overridden
+    assert pixeldlm.learning_rate == 1.0 and isinstance(pixeldlm.learning_rate, float)
+    assert pixeldlm.compile is True
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--n_layers=3'], 'unknown config key --n_layers (did you mean --n_layer?)'),
+    (['--n_layer=three'], '--n_layer takes a int like 12'),
+    (['--compile=maybe'], '--compile takes True or False'),
+    (['--preset=huge'], 'unknown preset'),
+    (['n_layer=3'], 'config values are given as --key=value'),
+])
+def test_bad_config_is_a_clear_error(args, message):
+    proc = run('pixeldlm.py', *args, check=False)
+    assert proc.returncode != 0 and message in proc.out and 'Traceback' not in proc.out
+
+
+def test_missing_data_or_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={tmp_path}/nowhere', f'--out_dir={tmp_path}/o', check=False)
+    assert proc.returncode != 0 and 'run `python prepare_data.py` first' in proc.out
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/o', '--init_from=resume',
+               check=False)
+    assert proc.returncode != 0 and 'ckpt.pt does not exist' in proc.out
+    proc = run('sample.py', f'--out_dir={tmp_path}/o', check=False)
+    assert proc.returncode != 0 and 'ckpt.pt not found' in proc.out and 'Traceback' not in proc.out
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint_and_a_prompt_needs_a_conditional_model(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1')
+    before = (out / 'ckpt.pt').read_bytes()
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', check=False)
+    assert proc.returncode != 0 and 'already exists' in proc.out and '--init_from=resume' in proc.out
+    assert (out / 'ckpt.pt').read_bytes() == before
+    proc = run('sample.py', f'--out_dir={out}', '--prompt=What is a list?', check=False)
+    assert proc.returncode != 0 and 'trained on plain text only' in proc.out
+
+
+def test_checkpoints_load_without_running_code(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1')
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {tmp_path}/pwned',))
+    checkpoint = load(out / 'ckpt.pt')
+    checkpoint['meta'] = Evil()
+    torch.save(checkpoint, out / 'ckpt.pt')
+    for proc in (run('sample.py', f'--out_dir={out}', check=False),
+                 run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
+                     '--init_from=resume', check=False)):
+        assert proc.returncode != 0 and 'refusing to load' in proc.out and 'Traceback' not in proc.out
+    assert not (tmp_path / 'pwned').exists()
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'', 'is empty'),
+    (b'caf\xe9 au lait', 'is not UTF-8 text'),
+    (b'{"title": "no text field"}\n', 'needs a "text" field'),
+])
+def test_bad_input_files_are_clear_errors_and_keep_the_data_already_prepared(tmp_path, content, message):
+    out = tmp_path / 'data'
+    good = tmp_path / 'good.txt'
+    good.write_text("A document that is long enough to split. " * 20)
+    run('prepare_data.py', f'--input={good}', f'--out_dir={out}')
+    before = {name: (out / name).read_bytes() for name in ('train.bin', 'val.bin', 'meta.json')}
+    bad = tmp_path / ('bad.jsonl' if b'title' in content else 'bad.txt')
+    bad.write_bytes(content)
+    proc = run('prepare_data.py', '--input', str(good), str(bad), f'--out_dir={out}', check=False)
+    assert proc.returncode != 0 and message in proc.out and str(bad) in proc.out and 'Traceback' not in proc.out
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_prepared_data_ends_every_document_with_end_of_text(tmp_path, enc):
+    docs = tmp_path / 'docs.jsonl'
+    docs.write_text('\n'.join(json.dumps({'text': f"Document number {i} says hello."}) for i in range(20)))
+    run('prepare_data.py', f'--input={docs}', f'--out_dir={tmp_path}')
+    meta = json.loads((tmp_path / 'meta.json').read_text())
+    train = np.fromfile(tmp_path / 'train.bin', dtype=np.uint32)
+    val = np.fromfile(tmp_path / 'val.bin', dtype=np.uint32)
+    assert meta['eot_id'] == enc.eot_token and meta['vocab_size'] == enc.n_vocab
+    assert train[-1] == val[-1] == enc.eot_token
+    texts = enc.decode(np.concatenate([train, val]).tolist()).split('<|endoftext|>')
+    assert texts[0] == "Document number 0 says hello." and (train == enc.eot_token).sum() >= 18
