@@ -76,12 +76,13 @@ peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up
 preset = ''  # start from a named set of values below; flags after it still win
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+command_line_keys = set()  # what configure() set; a resumed run takes every other value from its checkpoint
 
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes
     'classroom': dict(out_dir='out-classroom', img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
-                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=800,
-                      warmup_iters=100, ema_decay=0.999, eval_interval=200, eval_iters=10, log_interval=50,
+                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1000,
+                      warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
                       compile=False),
 }
 
@@ -112,8 +113,7 @@ def configure(args):
             sys.exit(f"error: unknown config key --{key}{hint}; see the config block at the top of pixeldlm.py")
         updates[key] = parse_value(key, value)
     globals().update(updates)
-    if color_base ** 3 < 2:
-        sys.exit("error: --color_base must be at least 2")
+    command_line_keys.update(updates)
 
 
 def parse_value(key, text):
@@ -162,17 +162,6 @@ def image_to_ids(image, base):
     return pixels_to_ids(image.permute(0, 2, 3, 1), base).flatten(1)
 
 
-def text_ids_to_canvas(ids, eot_id, n_pixels):
-    """Ids of one text -> (canvas of n_pixels ids, validity mask). The text ends with end-of-text; the
-    rest is padding, which repeats the end-of-text id. The mask is 1 on text + end-of-text, 0 on padding."""
-    ids = list(ids)[:n_pixels - 1] + [eot_id]
-    canvas = torch.full((n_pixels,), eot_id, dtype=torch.long)
-    canvas[:len(ids)] = torch.tensor(ids)
-    mask = torch.zeros(n_pixels)
-    mask[:len(ids)] = 1
-    return canvas, mask
-
-
 def ids_to_text(ids, enc):
     """One image's ids -> (text, number of invalid ids). Stops at end-of-text; an id the encoding can't
     decode (outside the vocabulary or a hole in it) is counted and skipped, not a crash."""
@@ -182,7 +171,7 @@ def ids_to_text(ids, enc):
             break
         try:
             pieces.append(enc.decode_single_token_bytes(i))
-        except KeyError:
+        except (KeyError, OverflowError):  # OverflowError: a NaN pixel, e.g. from a diverged run
             n_invalid += 1
     return b''.join(pieces).decode('utf-8', errors='replace'), n_invalid
 
@@ -250,17 +239,19 @@ class Block(nn.Module):
 
 class JiT(nn.Module):
     """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
-    goes in front of the target in the same sequence, as if the two were stacked into one tall image."""
+    goes in front of the target in the same sequence, as if the two were stacked into one tall image.
+    (The training loop below learns plain text; fine-tuning on prompt/answer pairs is still to come.)"""
 
     def __init__(self, img_size, patch_size, n_layer, n_head, n_embd):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
-        assert n_embd % n_head == 0, "n_embd must be a multiple of n_head"
+        assert n_embd % n_head == 0 and n_embd % 4 == 0, "n_embd must be a multiple of n_head and of 4"
         self.patch_size, self.grid = patch_size, img_size // patch_size
         patch_dim = 3 * patch_size ** 2
         self.patch_embed = nn.Linear(patch_dim, n_embd)
         self.t_embed = nn.Sequential(nn.Linear(256, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
         # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below
+        # (JiT adds 2D RoPE on top of these; at 256 patches the fixed table alone is the simpler choice)
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
@@ -300,8 +291,9 @@ class JiT(nn.Module):
         c = F.silu(self.t_embed(timestep_embedding(t)))
         for block in self.blocks:
             x = block(x, c, attn_mask)
-        shift, scale = self.final_adaLN(c).chunk(2, dim=-1)
-        x = self.final(modulate(rms_norm(x[:, -n:]), shift, scale))
+        shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
+        with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
+            x = self.final(modulate(rms_norm(x[:, -n:].float()), shift, scale))
         return self.unpatchify(x)
 
 
@@ -404,9 +396,9 @@ def get_batch(split, rng, eot_id):
 # training
 
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd')  # JiT's arguments, fixed once trained
-PEAK_FLOPS = {  # dense bf16 peak FLOP/s; the first name found inside the GPU's name wins
+PEAK_FLOPS = {  # dense bf16 peak FLOP/s (also the yardstick of fp32 runs); the first name inside the GPU's name wins
     'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12,
-    'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
+    'A100': 312e12, 'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
 }
 
 
@@ -467,13 +459,18 @@ def train():
         if not os.path.exists(ckpt_path):
             sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist; train with --init_from=scratch first")
         checkpoint = load_checkpoint(ckpt_path, dev)
-        globals().update({k: checkpoint['config'][k] for k in MODEL_KEYS + ('color_base',)})
+        saved = checkpoint['config']  # the run goes on as it was configured, except for flags given now
+        globals().update({k: saved[k] for k in config_keys if k in saved and k not in command_line_keys | {'init_from'}})
+        globals().update({k: saved[k] for k in MODEL_KEYS + ('color_base',)})  # the weights fix these
     elif init_from == 'scratch':
         if os.path.exists(ckpt_path):
             sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume or pick another --out_dir")
     else:
         sys.exit(f"error: --init_from must be 'scratch' or 'resume', not {init_from!r}")
-    if color_base ** 3 < meta['vocab_size']:
+    if init_from == 'resume' and checkpoint['meta']['encoding'] != meta['encoding']:
+        sys.exit(f"error: {ckpt_path} was trained on {checkpoint['meta']['encoding']} ids but {data_dir} holds "
+                 f"{meta['encoding']} ids; resume with the data it was trained on")
+    if color_base < 2 or color_base ** 3 < meta['vocab_size']:
         sys.exit(f"error: color_base={color_base} gives {color_base ** 3} colors, fewer than the "
                  f"{meta['vocab_size']} ids of {meta['encoding']}")
 
@@ -506,13 +503,16 @@ def train():
         can share out an iteration's micro-steps and a resumed run replays exactly what it would have seen."""
         rng = np.random.default_rng([seed, *key])
         ids, mask = get_batch(split, rng, meta['eot_id'])
-        x = ids_to_image(ids.to(dev), color_base)
-        mask = mask.to(dev).view(-1, 1, img_size, img_size)
+        n_tokens = int(mask.sum())  # counted on the CPU: no wait for the GPU
+        if device_type == 'cuda':  # pinned memory lets the copies below overlap with the GPU's work
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        x = ids_to_image(ids.to(dev, non_blocking=True), color_base)
+        mask = mask.to(dev, non_blocking=True).view(-1, 1, img_size, img_size)
         gen = torch.Generator(dev).manual_seed(int(rng.integers(2 ** 62)))
         t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
         noise = torch.randn(x.shape, generator=gen, device=dev)
         with autocast:
-            return diffusion_loss(net, x, mask, t, noise), int(mask.sum())
+            return diffusion_loss(net, x, mask, t, noise), n_tokens
 
     @torch.no_grad()
     def estimate_loss():
@@ -581,5 +581,6 @@ def train():
 
 
 if __name__ == '__main__':
+    sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also through `| tee log.txt`
     configure(sys.argv[1:])
     train()

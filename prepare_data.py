@@ -32,7 +32,7 @@ def read_documents(paths):
         if not path.endswith('.jsonl'):
             documents.append(content)
             continue
-        for line_number, line in enumerate(content.splitlines(), 1):
+        for line_number, line in enumerate(content.split('\n'), 1):  # JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
@@ -58,6 +58,8 @@ if __name__ == '__main__':
     parser.add_argument('--encoding', default='cl100k_base', help='a tiktoken encoding name')
     parser.add_argument('--val_fraction', type=float, default=0.1, help='the last part of the stream held out')
     args = parser.parse_args()
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val_fraction must be between 0 and 1, not {args.val_fraction}")
 
     if args.input:
         documents = read_documents(args.input)
@@ -74,10 +76,10 @@ if __name__ == '__main__':
     # nanoGPT-style split of the stream; the train part gets an end-of-text where the cut falls
     split = int(len(stream) * (1 - args.val_fraction))
     train_ids, val_ids = stream[:split], stream[split:]
-    if train_ids[-1] != enc.eot_token:
-        train_ids.append(enc.eot_token)
     if not train_ids or len(val_ids) < 2:
         sys.exit(f"error: {len(stream)} tokens are too few to split into train and val; give more text")
+    if train_ids[-1] != enc.eot_token:
+        train_ids.append(enc.eot_token)
 
     meta = {'encoding': args.encoding, 'vocab_size': enc.n_vocab, 'eot_id': enc.eot_token,
             'train_tokens': len(train_ids), 'val_tokens': len(val_ids), 'documents': len(documents)}

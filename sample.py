@@ -38,6 +38,8 @@ if __name__ == '__main__':
     parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
     parser.add_argument('--prompt', help='text to answer (needs a checkpoint fine-tuned on prompt/answer pairs)')
     args = parser.parse_args()
+    if args.steps < 1 or args.num_samples < 1:
+        parser.error("--steps and --num_samples must be at least 1")
 
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):

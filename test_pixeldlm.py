@@ -102,6 +102,8 @@ def test_decoding_counts_ids_outside_the_vocabulary_instead_of_crashing(enc):
     image = ids_to_image(torch.tensor([hello + [200000, 100256, enc.eot_token] + [5] * 5]), 256)
     text, n_invalid = ids_to_text(image_to_ids(image, 256)[0].tolist(), enc)
     assert text == "hello" and n_invalid == 2  # 100256 is a hole in cl100k_base; the 5 after eot is ignored
+    image[0, :, 0, 1] = float('nan')  # a diverged model's pixel
+    assert ids_to_text(image_to_ids(image, 256)[0].tolist(), enc) == ("hello", 2)
 
 
 # ----------------------------------------------------------------------------- model
@@ -311,7 +313,7 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100']
     run('pixeldlm.py', *args, f'--out_dir={tmp_path}/straight', '--max_iters=6')
     run('pixeldlm.py', *args, f'--out_dir={tmp_path}/split', '--max_iters=3')
-    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/split', '--max_iters=6', '--init_from=resume')
+    run('pixeldlm.py', f'--out_dir={tmp_path}/split', '--max_iters=6', '--init_from=resume')  # the rest is saved
     straight, split = load(tmp_path / 'straight/ckpt.pt'), load(tmp_path / 'split/ckpt.pt')
     assert split['iter_num'] == straight['iter_num'] == 6
     assert_same_tensors(straight['model'], split['model'])
