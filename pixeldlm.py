@@ -81,8 +81,10 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 command_line_keys = set()  # what configure() set; a resumed run takes every other value from its checkpoint
 
 presets = {
-    # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes
-    'classroom': dict(out_dir='out-classroom', img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
+    # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes: byte ids,
+    # base 7 and the digit head measured best there (README). Data: python prepare_data.py --encoding=bytes
+    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', color_base=0, objective='digits',
+                      img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1000,
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
                       compile=False),
@@ -429,7 +431,8 @@ def generate(model, enc, num_samples, steps, seed, base):
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
-        sys.exit(f"error: {path} not found; run `python prepare_data.py` first, or point --data_dir at its output")
+        sys.exit(f"error: {path} not found; run `python prepare_data.py` first (it writes data/<encoding>; "
+                 f"--encoding=bytes for data/bytes), or point --data_dir at its output")
     with open(path) as f:
         return json.load(f)
 
@@ -492,11 +495,11 @@ def entropy_bits(ids):
     return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a single id
 
 
-def sample_statistics(sample_ids, real_texts, train_tokens, enc, rng):
-    """Unconditional samples against real text: valid ids, texts that end, unigram entropy (against the same
-    number of real tokens), and the bigram hit rate: the fraction of sampled neighbour pairs found anywhere
-    in the training data, beside real text (the ceiling) and ids drawn independently from the training
-    unigram distribution (the floor)."""
+def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
+    """Unconditional samples against real windows of the same size: valid ids, texts that end, unigram
+    entropy (against as many real tokens), and the bigram hit rate: the fraction of sampled neighbour pairs
+    found anywhere in the training data, beside real text (the ceiling) and ids drawn independently from
+    the training unigram distribution (the floor)."""
     def valid(i):
         try:
             enc.decode_single_token_bytes(i)
@@ -504,9 +507,11 @@ def sample_statistics(sample_ids, real_texts, train_tokens, enc, rng):
         except (KeyError, OverflowError):
             return False
     texts = [text_part(row, enc.eot_token) for row in sample_ids]
+    real_texts = [text_part(row, enc.eot_token) for row in real_ids]
     n_ids = sum(len(text) for text in texts)
     stats = {'valid_ids': sum(valid(i) for text in texts for i in text) / max(n_ids, 1),
-             'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids]))}
+             'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids])),
+             'ended_real': float(np.mean([enc.eot_token in list(row) for row in real_ids]))}
     texts = [[i for i in text if valid(i)] for text in texts]  # invalid ids have no bigrams to look up
     sampled = [i for text in texts for i in text]
     real = [i for text in real_texts for i in text][:max(len(sampled), 1)]
@@ -542,8 +547,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, n_win
     clock = time.time()
     _, sample_ids, _ = generate(model, enc, n_samples, steps, seed, base)
     report['seconds_per_sample'] = (time.time() - clock) / n_samples
-    real_texts = [text_part(row, enc.eot_token) for row in ids.tolist()]
-    report.update(sample_statistics(sample_ids.tolist(), real_texts, load_tokens(data_dir, 'train'), enc, rng))
+    report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
     return report
 
 

@@ -38,7 +38,8 @@ def print_report(r, ckpt_path, seed, steps):
     print("token recovery        " + "  ".join(f"t={t}: {percent(r[f'recovery_t{t}'])}" for t in ts))
     print("end-of-text position  " + "  ".join(f"t={t}: {percent(r[f'eot_position_t{t}'])}" for t in ts))
     print(f"samples               {steps} DDIM steps, {r['seconds_per_sample']:.3f} s/sample")
-    print(f"valid ids             {r['valid_ids']:.1%}; ended with end-of-text {r['ended']:.1%}")
+    print(f"valid ids             {r['valid_ids']:.1%}")
+    print(f"ended with end-of-text {r['ended']:.1%} (real windows of this size: {r['ended_real']:.1%})")
     print(f"unigram entropy       {r['entropy']:.2f} bits (real text: {r['entropy_real']:.2f})")
     print(f"bigram hit rate       {r['bigram_hits']:.1%} (floor {r['bigram_floor']:.1%}, ceiling "
           f"{r['bigram_ceiling']:.1%}: {progress:.0%} of the way)")
