@@ -50,7 +50,7 @@ patch_size = 4
 n_layer = 12
 n_head = 12
 n_embd = 768
-color_base = 256  # digits per color channel (the seed's 256); 0 picks the smallest base whose cube covers the vocabulary
+color_base = 256  # digits per color channel (the seed's 256); 0: the smallest base whose cube covers the vocabulary
 objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on each channel's digit
 self_cond = False  # feed the model its previous x_hat as 3 more input channels (Analog Bits' self-conditioning)
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
@@ -81,9 +81,9 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 command_line_keys = set()  # what configure() set; a resumed run takes every other value from its checkpoint
 
 presets = {
-    # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes: byte ids,
-    # base 7 and the digit head measured best there (README). Data: python prepare_data.py --encoding=bytes
-    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', color_base=0, objective='digits',
+    # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes. Byte ids, base 7,
+    # the digit head and t centred on 0.5 measured best there (README). Data: prepare_data.py --encoding=bytes
+    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', color_base=0, objective='digits', P_mean=0.0,
                       img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1000,
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
@@ -556,9 +556,9 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, n_win
 
 # what the weights fix: a resumed run keeps these whatever the command line says
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'self_cond')
-PEAK_FLOPS = {  # dense bf16 peak FLOP/s (also the yardstick of fp32 runs); the first name inside the GPU's name wins
-    'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12,
-    'A100': 312e12, 'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
+PEAK_FLOPS = {  # dense bf16 peak FLOP/s (the yardstick of fp32 runs too); the first name in the GPU's name wins
+    'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12, 'A100': 312e12,
+    'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
 }
 
 
@@ -587,6 +587,23 @@ def save_checkpoint(state, path):
 
 
 def train():
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist; "
+                     f"train with --init_from=scratch first")
+        checkpoint = load_checkpoint(ckpt_path, 'cpu')  # load_state_dict moves it to the device later
+        saved = checkpoint['config']  # the run goes on as it was configured, except for flags given now
+        keep = command_line_keys | {'init_from', 'out_dir'}
+        globals().update({k: saved[k] for k in config_keys if k in saved and k not in keep})
+        globals().update({k: saved[k] for k in MODEL_KEYS})  # the weights fix these
+    elif init_from == 'scratch':
+        if os.path.exists(ckpt_path):
+            sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
+                     f"or pick another --out_dir")
+    else:
+        sys.exit(f"error: --init_from must be 'scratch' or 'resume', not {init_from!r}")
+
     # one process, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
     ddp = 'RANK' in os.environ
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
@@ -614,19 +631,6 @@ def train():
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     meta = load_meta(data_dir)
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist; train with --init_from=scratch first")
-        checkpoint = load_checkpoint(ckpt_path, dev)
-        saved = checkpoint['config']  # the run goes on as it was configured, except for flags given now
-        globals().update({k: saved[k] for k in config_keys if k in saved and k not in command_line_keys | {'init_from'}})
-        globals().update({k: saved[k] for k in MODEL_KEYS})  # the weights fix these
-    elif init_from == 'scratch':
-        if os.path.exists(ckpt_path):
-            sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume or pick another --out_dir")
-    else:
-        sys.exit(f"error: --init_from must be 'scratch' or 'resume', not {init_from!r}")
     if init_from == 'resume' and checkpoint['meta']['encoding'] != meta['encoding']:
         sys.exit(f"error: {ckpt_path} was trained on {checkpoint['meta']['encoding']} ids but {data_dir} holds "
                  f"{meta['encoding']} ids; resume with the data it was trained on")
