@@ -52,7 +52,6 @@ n_head = 12
 n_embd = 768
 color_base = 256  # digits per color channel (the seed's 256); 0: the smallest base whose cube covers the vocabulary
 objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on each channel's digit
-self_cond = False  # feed the model its previous x_hat as 3 more input channels (Analog Bits' self-conditioning)
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = -0.8
 P_std = 0.8
@@ -268,14 +267,13 @@ class JiT(nn.Module):
     goes in front of the target in the same sequence, as if the two were stacked into one tall image.
     (The training loop below learns plain text; fine-tuning on prompt/answer pairs is still to come.)"""
 
-    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, self_cond=False):
+    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
         assert n_embd % n_head == 0 and n_embd % 4 == 0, "n_embd must be a multiple of n_head and of 4"
         self.patch_size, self.grid = patch_size, img_size // patch_size
         patch_dim = 3 * patch_size ** 2
-        self.self_cond = self_cond
-        self.patch_embed = nn.Linear(patch_dim * (2 if self_cond else 1), n_embd)
+        self.patch_embed = nn.Linear(patch_dim, n_embd)
         self.t_embed = nn.Sequential(nn.Linear(256, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
         # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below
         # (JiT adds 2D RoPE on top of these; at 256 patches the fixed table alone is the simpler choice)
@@ -297,25 +295,21 @@ class JiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def patchify(self, img):  # (B, C, H, W) -> (B, grid*grid, C*p*p)
-        (B, C), p, g = img.shape[:2], self.patch_size, self.grid
-        return img.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+    def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
+        B, p, g = img.shape[0], self.patch_size, self.grid
+        return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
 
     def unpatchify(self, x):  # (B, grid*grid, 3*p*p) -> (B, 3, H, W)
         B, p, g = x.shape[0], self.patch_size, self.grid
         return x.reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
 
-    def forward(self, z, t, cond=None, cond_keep=None, x_prev=None, logits=False):
+    def forward(self, z, t, cond=None, cond_keep=None, logits=False):
         """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean (B, 3, H, W) prompt image or None.
         cond_keep: (B,) bool, which samples see their condition (None: all do). Without a condition the
         sequence is the target patches alone: no compute is spent on empty condition slots.
-        x_prev: the previous x_hat for a self-conditioned model (None: zeros; other models ignore it).
         Returns x_hat (B, 3, H, W); a digit head returns the expected color of its digits, or with logits=True
         the digit logits (B, digit_classes, 3, H, W)."""
         n = self.grid ** 2
-        if self.self_cond:
-            z = torch.cat([z, torch.zeros_like(z) if x_prev is None else x_prev.to(z.dtype)], dim=1)
-            cond = None if cond is None else torch.cat([cond, cond], dim=1)  # a clean image is its own estimate
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         attn_mask = None
         if cond is not None:
@@ -342,8 +336,7 @@ class JiT(nn.Module):
 def model_from_config(config):
     """The JiT that a dict of config values (this module's, or a checkpoint's) describes."""
     return JiT(config['img_size'], config['patch_size'], config['n_layer'], config['n_head'], config['n_embd'],
-               digit_classes=config['color_base'] if config['objective'] == 'digits' else 0,
-               self_cond=config['self_cond'])
+               digit_classes=config['color_base'] if config['objective'] == 'digits' else 0)
 
 
 def timestep_embedding(t, dim=256):
@@ -377,26 +370,18 @@ def flops_per_image(model):
 # -----------------------------------------------------------------------------
 # diffusion: z_t = t*x + (1-t)*noise, the network predicts x, DDIM walks from t=0 (noise) to t=1 (clean)
 
-def diffusion_loss(model, x, mask, t, noise, digit_classes=0, self_cond=False, cond=None, cond_keep=None):
+def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, cond_keep=None):
     """JiT's v-loss on an x-prediction: ||x_pred - x||^2 / max(1-t, 0.05)^2, which is the squared error of
     the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
     A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit.
-    Self-conditioning: the second half of the batch first gets the model's own guess, without gradient, as
-    it will at every sampling step after the first; the first half gets zeros, as at the first step.
     Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts."""
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
-    x_prev = None
-    if self_cond:
-        half = len(x) // 2
-        with torch.no_grad():
-            x_guess = model(z[half:], t[half:], *(c if c is None else c[half:] for c in (cond, cond_keep)))
-        x_prev = torch.cat([torch.zeros_like(z[:half]), x_guess.float()])
     if digit_classes:
         digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
-        logits = model(z, t, cond, cond_keep, x_prev, logits=True).float()
+        logits = model(z, t, cond, cond_keep, logits=True).float()
         return (mask * F.cross_entropy(logits, digits, reduction='none')).sum() / (3 * mask.sum())
-    x_pred = model(z, t, cond, cond_keep, x_prev).float()
+    x_pred = model(z, t, cond, cond_keep).float()
     weight = mask / (1 - t4).clamp(min=0.05) ** 2
     return (weight * (x_pred - x) ** 2).sum() / (3 * mask.sum())
 
@@ -407,9 +392,9 @@ def ddim_sample(model, noise, steps):
     and slides z along the line from x_hat through z_t: z_s = x_hat + (1-s)/(1-t) * (z_t - x_hat), the
     Euler step of the flow ODE. The last step has s = 1, so it returns x_hat exactly."""
     ts = torch.linspace(0, 1, steps + 1).tolist()
-    z, x_hat = noise, None
+    z = noise
     for t, s in zip(ts[:-1], ts[1:]):
-        x_hat = model(z, torch.full((len(z),), t, device=z.device), x_prev=x_hat).float()
+        x_hat = model(z, torch.full((len(z),), t, device=z.device)).float()
         z = x_hat + (1 - s) / (1 - t) * (z - x_hat)
     return z
 
@@ -540,7 +525,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, n_win
     t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
     report = {'val_loss': diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
-                                         model.digit_classes, model.self_cond).item()}
+                                         model.digit_classes).item()}
     for t in (0.3, 0.5, 0.7, 0.9):
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
                                                                                   base, enc.eot_token)
@@ -555,7 +540,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, n_win
 # training
 
 # what the weights fix: a resumed run keeps these whatever the command line says
-MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'self_cond')
+MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective')
 PEAK_FLOPS = {  # dense bf16 peak FLOP/s (the yardstick of fp32 runs too); the first name in the GPU's name wins
     'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12, 'A100': 312e12,
     'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
@@ -680,7 +665,7 @@ def train():
         t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
         noise = torch.randn(x.shape, generator=gen, device=dev)
         with autocast:
-            return diffusion_loss(net, x, mask, t, noise, model.digit_classes, model.self_cond), n_tokens
+            return diffusion_loss(net, x, mask, t, noise, model.digit_classes), n_tokens
 
     @torch.no_grad()
     def estimate_loss():

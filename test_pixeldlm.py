@@ -207,7 +207,7 @@ def test_digit_cross_entropy_ignores_padding_and_rewards_the_right_digits(enc):
             super().__init__()
             self.out = logits
 
-        def forward(self, z, t, cond=None, cond_keep=None, x_prev=None, logits=False):
+        def forward(self, z, t, cond=None, cond_keep=None, logits=False):
             return self.out
     right = F.one_hot(digits, 47).permute(0, 4, 1, 2, 3).float() * 20
     t, noise = torch.tensor([0.5]), torch.randn(1, 3, 8, 8)
@@ -218,33 +218,6 @@ def test_digit_cross_entropy_ignores_padding_and_rewards_the_right_digits(enc):
     assert loss_right < 1e-6 < diffusion_loss(FixedLogits(torch.zeros_like(right)), x, mask, t, noise, 47)
 
 
-def test_self_conditioning_feeds_the_previous_estimate_and_ddim_passes_it_on():
-    torch.manual_seed(0)
-    model = JiT(img_size=8, patch_size=2, n_layer=1, n_head=2, n_embd=32, self_cond=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    z, t, x_prev = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 3, 8, 8)
-    assert torch.equal(model(z, t), model(z, t, x_prev=torch.zeros_like(z)))
-    assert not torch.allclose(model(z, t), model(z, t, x_prev=x_prev))
-    plain = tiny_model(randomize=True)
-    assert torch.equal(plain(z, t), plain(z, t, x_prev=x_prev))  # only a self-conditioned model looks at it
-
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.seen, self.returned = [], []
-
-        def forward(self, z, t, x_prev=None):
-            self.seen.append(x_prev)
-            self.returned.append(torch.randn_like(z))
-            return self.returned[-1]
-    recorder = Recorder()
-    ddim_sample(recorder, torch.randn(1, 3, 4, 4), steps=5)
-    assert recorder.seen[0] is None
-    assert all(torch.equal(seen, returned) for seen, returned in zip(recorder.seen[1:], recorder.returned))
-
-
 # ----------------------------------------------------------------------------- loss
 
 class FixedPrediction(torch.nn.Module):
@@ -253,7 +226,7 @@ class FixedPrediction(torch.nn.Module):
         super().__init__()
         self.x_hat, self.calls = x_hat, []
 
-    def forward(self, z, t, cond=None, cond_keep=None, x_prev=None):
+    def forward(self, z, t, cond=None, cond_keep=None):
         self.calls.append((z.clone(), t.clone()))
         return self.x_hat.clone()
 
@@ -284,23 +257,6 @@ def test_loss_is_the_v_loss_with_the_clamped_weight():
     assert torch.allclose(diffusion_loss(FixedPrediction(x_pred), x, mask, t, noise), ((v - v_pred) ** 2).mean())
 
 
-def test_self_conditioned_loss_shows_half_the_batch_its_own_guess_and_the_other_half_zeros():
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.x_prevs = []
-
-        def forward(self, z, t, cond=None, cond_keep=None, x_prev=None, logits=False):
-            self.x_prevs.append(x_prev)
-            return torch.full_like(z, 0.25)
-    model = Recorder()
-    x, mask = torch.zeros(4, 3, 4, 4), torch.ones(4, 1, 4, 4)
-    diffusion_loss(model, x, mask, torch.rand(4), torch.randn(4, 3, 4, 4), self_cond=True)
-    guess_pass, loss_pass = model.x_prevs
-    assert guess_pass is None  # the guess itself is made from zeros
-    assert loss_pass[:2].eq(0).all() and loss_pass[2:].eq(0.25).all()
-
-
 # ----------------------------------------------------------------------------- sampler
 
 def test_ddim_last_step_returns_x_hat_exactly_and_the_trajectory_is_the_closed_form():
@@ -319,7 +275,7 @@ def test_ddim_step_is_the_update_from_t_to_s():
     torch.manual_seed(0)
     x_hats = [torch.randn(1, 3, 4, 4) for _ in range(4)]
     class Scripted(torch.nn.Module):  # returns a different x_hat at each call
-        def forward(self, z, t, x_prev=None):
+        def forward(self, z, t):
             return x_hats[int(round(t[0].item() * 4))]
     noise = torch.randn(1, 3, 4, 4)
     z = noise
