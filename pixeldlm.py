@@ -165,18 +165,26 @@ def image_to_ids(image, base):
     return pixels_to_ids(image.permute(0, 2, 3, 1), base).flatten(1)
 
 
+def text_part(row, eot_id):
+    """One image's ids up to, not including, the first end-of-text."""
+    row = list(row)
+    return row[:row.index(eot_id)] if eot_id in row else row
+
+
+def token_bytes(i, enc):
+    """The bytes of id i, or None where the encoding can't decode it (outside the vocabulary, a hole in it)."""
+    try:
+        return enc.decode_single_token_bytes(i)
+    except (KeyError, OverflowError):  # OverflowError: a NaN pixel, e.g. from a diverged run
+        return None
+
+
 def ids_to_text(ids, enc):
-    """One image's ids -> (text, number of invalid ids). Stops at end-of-text; an id the encoding can't
-    decode (outside the vocabulary or a hole in it) is counted and skipped, not a crash."""
-    pieces, n_invalid = [], 0
-    for i in ids:
-        if i == enc.eot_token:
-            break
-        try:
-            pieces.append(enc.decode_single_token_bytes(i))
-        except (KeyError, OverflowError):  # OverflowError: a NaN pixel, e.g. from a diverged run
-            n_invalid += 1
-    return b''.join(pieces).decode('utf-8', errors='replace'), n_invalid
+    """One image's ids -> (text, number of invalid ids). Stops at end-of-text; an invalid id is counted
+    and skipped, not a crash."""
+    pieces = [token_bytes(i, enc) for i in text_part(ids, enc.eot_token)]
+    valid = [piece for piece in pieces if piece is not None]
+    return b''.join(valid).decode('utf-8', errors='replace'), len(pieces) - len(valid)
 
 
 class ByteEncoding:
@@ -462,12 +470,6 @@ def recovery_accuracy(model, ids, mask, t, noise, base, eot_id):
     return token_accuracy, eot_accuracy
 
 
-def text_part(row, eot_id):
-    """One image's ids up to, not including, the first end-of-text."""
-    row = list(row)
-    return row[:row.index(eot_id)] if eot_id in row else row
-
-
 def bigrams(texts, vocab_size):
     """Every pair of neighbouring ids inside each text, as one int64 key a * vocab_size + b."""
     keys = [a[:-1] * vocab_size + a[1:] for a in (np.asarray(t, dtype=np.int64) for t in texts) if len(a) > 1]
@@ -486,11 +488,7 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
     found anywhere in the training data, beside real text (the ceiling) and ids drawn independently from
     the training unigram distribution (the floor)."""
     def valid(i):
-        try:
-            enc.decode_single_token_bytes(i)
-            return i != enc.eot_token
-        except (KeyError, OverflowError):
-            return False
+        return token_bytes(i, enc) is not None
     texts = [text_part(row, enc.eot_token) for row in sample_ids]
     real_texts = [text_part(row, enc.eot_token) for row in real_ids]
     n_ids = sum(len(text) for text in texts)
