@@ -30,7 +30,7 @@ def write_png(path, rgb):
                 + chunk(b'IEND', b''))
 
 
-def print_report(r, ckpt_path, seed, steps):
+def print_report(r, ckpt_path, seed, steps, time_shift):
     ts = (0.3, 0.5, 0.7, 0.9)
     percent = lambda v: '   n/a' if math.isnan(v) else f"{v:6.1%}"  # n/a: no window ends inside its image
     progress = (r['bigram_hits'] - r['bigram_floor']) / max(r['bigram_ceiling'] - r['bigram_floor'], 1e-9)
@@ -38,7 +38,8 @@ def print_report(r, ckpt_path, seed, steps):
     print(f"validation loss       {r['val_loss']:.4f}")
     print("token recovery        " + "  ".join(f"t={t}: {percent(r[f'recovery_t{t}'])}" for t in ts))
     print("end-of-text position  " + "  ".join(f"t={t}: {percent(r[f'eot_position_t{t}'])}" for t in ts))
-    print(f"samples               {steps} DDIM steps, {r['seconds_per_sample']:.3f} s/sample")
+    print(f"samples               {steps} DDIM steps (time shift {time_shift:g}), "
+          f"{r['seconds_per_sample']:.3f} s/sample")
     print(f"valid ids             {r['valid_ids']:.1%}")
     print(f"ended with end-of-text {r['ended']:.1%} (real windows of this size: {r['ended_real']:.1%})")
     print(f"unigram entropy       {r['entropy']:.2f} bits (real text: {r['entropy_real']:.2f})")
@@ -51,6 +52,7 @@ if __name__ == '__main__':
     parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
     parser.add_argument('--num_samples', type=int, default=3)
     parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
+    parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
     parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
@@ -60,6 +62,8 @@ if __name__ == '__main__':
     args = parser.parse_args()
     if args.steps < 1 or args.num_samples < 1:
         parser.error("--steps and --num_samples must be at least 1")
+    if args.time_shift is not None and args.time_shift <= 0:
+        parser.error("--time_shift must be positive")
 
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
@@ -77,16 +81,18 @@ if __name__ == '__main__':
     model.load_state_dict(checkpoint['ema'])
     model.eval()
     enc = get_encoding(meta['encoding'])
+    time_shift = config.get('time_shift', 1.0) if args.time_shift is None else args.time_shift  # .get: older files
 
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
     if args.eval:
         with autocast:
             report = quality_report(model, enc, args.data_dir or config['data_dir'], config['color_base'],
-                                    config['P_mean'], config['P_std'], args.seed, args.steps)
-        print_report(report, ckpt_path, args.seed, args.steps)
+                                    config['P_mean'], config['P_std'], args.seed, args.steps, time_shift)
+        print_report(report, ckpt_path, args.seed, args.steps, time_shift)
         sys.exit(0)
     with autocast:
-        images, ids, texts = generate(model, enc, args.num_samples, args.steps, args.seed, config['color_base'])
+        images, ids, texts = generate(model, enc, args.num_samples, args.steps, args.seed, config['color_base'],
+                                      time_shift)
     for i, (text, n_invalid) in enumerate(texts):
         print(f"---------- sample {i} ({args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids)")
         print(text)

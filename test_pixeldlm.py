@@ -222,6 +222,8 @@ def test_digit_cross_entropy_ignores_padding_and_rewards_the_right_digits(enc):
 
 class FixedPrediction(torch.nn.Module):
     """A stand-in denoiser that returns a given x_hat and records what it was asked."""
+    digit_classes = 0
+
     def __init__(self, x_hat):
         super().__init__()
         self.x_hat, self.calls = x_hat, []
@@ -275,6 +277,8 @@ def test_ddim_step_is_the_update_from_t_to_s():
     torch.manual_seed(0)
     x_hats = [torch.randn(1, 3, 4, 4) for _ in range(4)]
     class Scripted(torch.nn.Module):  # returns a different x_hat at each call
+        digit_classes = 0
+
         def forward(self, z, t):
             return x_hats[int(round(t[0].item() * 4))]
     noise = torch.randn(1, 3, 4, 4)
@@ -284,6 +288,32 @@ def test_ddim_step_is_the_update_from_t_to_s():
         z = x_hats[i] + (1 - s) / (1 - t) * (z - x_hats[i])
     assert torch.allclose(ddim_sample(Scripted(), noise, steps=4), z)
     assert torch.equal(ddim_sample(Scripted(), noise, steps=4), x_hats[3])
+
+
+def test_time_shift_moves_the_grid_towards_the_clean_end():
+    x, noise = torch.zeros(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    model = FixedPrediction(x)
+    ddim_sample(model, noise, steps=4, time_shift=3.0)
+    ts = [t.item() for _, t in model.calls]
+    u = [0, 0.25, 0.5, 0.75]
+    assert ts == pytest.approx([3 * a / (1 + 2 * a) for a in u])  # 0, 0.5, 0.75, 0.9: denser near t = 1
+    assert ts == sorted(ts) and ts[1] > u[1]
+
+
+def test_a_digit_head_answers_with_its_most_likely_digit_not_the_mean():
+    # half-sure between digits 0 and 6 (base 7): the mean color is digit 3, a token neither hypothesis holds
+    class TwoMinded(torch.nn.Module):
+        digit_classes = 7
+
+        def forward(self, z, t, logits=False):
+            scores = torch.full((1, 7, 3, 2, 2), -9.0)
+            scores[:, 0], scores[:, 6] = 0.0, 0.2  # digit 6 slightly more likely
+            if logits:
+                return scores
+            return (scores.softmax(dim=1) * torch.linspace(-1, 1, 7).view(1, 7, 1, 1, 1)).sum(dim=1)
+    out = ddim_sample(TwoMinded(), torch.randn(1, 3, 2, 2), steps=3)
+    assert torch.equal(out, torch.ones(1, 3, 2, 2))  # digit 6 everywhere
+    assert (image_to_ids(out, 7) == 6 + 6 * 7 + 6 * 49).all()
 
 
 def test_sampling_is_seeded(enc):
