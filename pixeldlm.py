@@ -13,6 +13,8 @@ One node, 8 GPUs, bf16 (see train_8gpu.sh):
 $ torchrun --standalone --nproc_per_node=8 pixeldlm.py
 Continue a run from out_dir/ckpt.pt:
 $ python pixeldlm.py --init_from=resume
+Fine-tune those weights on prompt/answer pairs (prepare_data.py writes them from {"prompt", "answer"} lines):
+$ python pixeldlm.py --init_from=out/ckpt.pt --data_dir=data/my_pairs --out_dir=out-pairs
 """
 import ast
 import copy
@@ -37,13 +39,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # I/O
 out_dir = 'out'
 data_dir = 'data/cl100k_base'  # train.bin, val.bin and meta.json written by prepare_data.py
-init_from = 'scratch'  # 'scratch' or 'resume' (continue out_dir/ckpt.pt exactly)
+init_from = 'scratch'  # 'scratch', 'resume' (continue out_dir/ckpt.pt exactly), or a ckpt.pt to fine-tune
 eval_interval = 2000  # iterations between validation loss + checkpoint
 log_interval = 10
 eval_iters = 20  # batches per split for the validation loss
 # data
 batch_size = 128  # images per micro-step, per process
 gradient_accumulation_steps = 8  # micro-steps per iteration, shared out among processes
+pair_fraction = 0.5  # share of each batch taken from prompt/answer pairs, when the data holds text and pairs
+cond_drop = 0.1  # a pair's prompt is dropped this often, so one model also learns to answer without one
 # model: JiT-B/4
 img_size = 64  # 64x64 pixels = 4096 tokens per image
 patch_size = 4
@@ -56,6 +60,7 @@ objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on
 P_mean = -0.8
 P_std = 0.8
 time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 packs them towards the clean end
+guidance = 1.0  # the sampler's classifier-free guidance scale for prompts: 1 is the plain conditional answer
 # adamw optimizer (JiT: lr 5e-5 * global_batch / 256, betas 0.9/0.95, no weight decay, no clipping)
 learning_rate = 2e-4
 max_iters = 100000
@@ -168,6 +173,20 @@ def image_to_ids(image, base):
     return pixels_to_ids(image.permute(0, 2, 3, 1), base).flatten(1)
 
 
+def pad_text(ids, n_pixels, eot_id):
+    """One text (a prompt, an answer) -> the n_pixels ids of its image: the text, its end-of-text, then
+    padding. A text that leaves no room for its end-of-text is an error, never silently cut."""
+    if len(ids) >= n_pixels:
+        raise ValueError(f"a text of {len(ids)} tokens does not fit an image of {n_pixels} pixels with its "
+                         f"end-of-text (at most {n_pixels - 1} tokens); shorten it or train with a larger img_size")
+    return list(ids) + [eot_id] * (n_pixels - len(ids))
+
+
+def prompt_images(prompts, img_size, base, eot_id):
+    """Token lists -> condition images (B, 3, S, S). Training and sampling both build prompts with this."""
+    return ids_to_image(torch.tensor([pad_text(p, img_size ** 2, eot_id) for p in prompts]), base)
+
+
 def text_part(row, eot_id):
     """One image's ids up to, not including, the first end-of-text."""
     row = list(row)
@@ -240,10 +259,10 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // n_head, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # no mask: flash attention
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
@@ -266,17 +285,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim)
         self.adaLN = nn.Linear(dim, 6 * dim)  # timestep -> shift, scale, gate for attention and for the MLP
 
-    def forward(self, x, c, attn_mask=None):
+    def forward(self, x, c):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), attn_mask)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(rms_norm(x), shift2, scale2))
         return x
 
 
 class JiT(nn.Module):
     """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
-    goes in front of the target in the same sequence, as if the two were stacked into one tall image.
-    (The training loop below learns plain text; fine-tuning on prompt/answer pairs is still to come.)"""
+    goes in front of the target in the same sequence, as if the two were stacked into one tall image."""
 
     def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0):
         super().__init__()
@@ -306,6 +324,11 @@ class JiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def run_blocks(self, x, c):
+        for block in self.blocks:
+            x = block(x, c)
+        return x
+
     def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
         B, p, g = img.shape[0], self.patch_size, self.grid
         return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
@@ -314,26 +337,27 @@ class JiT(nn.Module):
         B, p, g = x.shape[0], self.patch_size, self.grid
         return x.reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
 
-    def forward(self, z, t, cond=None, cond_keep=None, logits=False):
-        """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean (B, 3, H, W) prompt image or None.
-        cond_keep: (B,) bool, which samples see their condition (None: all do). Without a condition the
-        sequence is the target patches alone: no compute is spent on empty condition slots.
+    def forward(self, z, t, cond=None, logits=False):
+        """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean prompt images (B_c, 3, H, W) for the first
+        B_c <= B samples; the other samples have no condition (text, or a dropped prompt) and run on their
+        target patches alone: no compute goes to empty condition slots, and no attention mask is needed.
         Returns x_hat (B, 3, H, W); a digit head returns the expected color of its digits, or with logits=True
         the digit logits (B, digit_classes, 3, H, W)."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
-        attn_mask = None
-        if cond is not None:
-            x = torch.cat([self.patch_embed(self.patchify(cond)) + self.pos_embed[:n], x], dim=1)
-            if cond_keep is not None:  # a dropped condition is hidden from every query; targets stay visible
-                visible = torch.cat([cond_keep[:, None].expand(-1, n), cond_keep.new_ones(len(x), n)], dim=1)
-                attn_mask = visible[:, None, None, :]
         c = F.silu(self.t_embed(timestep_embedding(t)))
-        for block in self.blocks:
-            x = block(x, c, attn_mask)
+        if cond is None:
+            x = self.run_blocks(x, c)
+        else:  # [condition, target] for the first k samples; only the target's outputs go on to the head
+            k = len(cond)
+            prompted = torch.cat([self.patch_embed(self.patchify(cond)) + self.pos_embed[:n], x[:k]], dim=1)
+            parts = [self.run_blocks(prompted, c[:k])[:, n:]]
+            if k < len(x):
+                parts.append(self.run_blocks(x[k:], c[k:]))
+            x = torch.cat(parts)
         shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
-            x = self.final(modulate(rms_norm(x[:, -n:].float()), shift, scale))
+            x = self.final(modulate(rms_norm(x.float()), shift, scale))
         if not self.digit_classes:
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
@@ -368,62 +392,79 @@ def sincos_2d(dim, rows, cols):
     return torch.cat([sincos_1d(dim // 2, r.flatten()), sincos_1d(dim // 2, c.flatten())], dim=1).float()
 
 
-def flops_per_image(model):
+def flops_per_image(model, conditional=False):
     """Training FLOPs (forward + backward) per image, counted as nanoGPT counts them: 6 per weight per
-    token, plus attention. The timestep MLP and the adaLN layers run once per image, not per token."""
+    token, plus attention. The timestep MLP and the adaLN layers run once per image, not per token.
+    A conditional image runs twice the tokens (the prompt's, then its own)."""
     per_image_layers = [model.t_embed, model.final_adaLN] + [block.adaLN for block in model.blocks]
     per_image = sum(p.numel() for layer in per_image_layers for p in layer.parameters())
     per_token = sum(p.numel() for p in model.parameters()) - per_image
-    n_tokens, dim, n_layer = model.grid ** 2, model.patch_embed.out_features, len(model.blocks)
+    n_tokens, dim, n_layer = model.grid ** 2 * (1 + conditional), model.patch_embed.out_features, len(model.blocks)
     return 6 * (per_token * n_tokens + per_image) + 12 * n_layer * dim * n_tokens ** 2
 
 
 # -----------------------------------------------------------------------------
 # diffusion: z_t = t*x + (1-t)*noise, the network predicts x, DDIM walks from t=0 (noise) to t=1 (clean)
 
-def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, cond_keep=None):
+def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None):
     """JiT's v-loss on an x-prediction: ||x_pred - x||^2 / max(1-t, 0.05)^2, which is the squared error of
     the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
     A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit.
-    Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts."""
+    Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts. cond: prompt
+    images for the first len(cond) samples (see JiT.forward); a prompt itself is never a target."""
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
     if digit_classes:
         digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
-        logits = model(z, t, cond, cond_keep, logits=True).float()
+        logits = model(z, t, cond, logits=True).float()
         return (mask * F.cross_entropy(logits, digits, reduction='none')).sum() / (3 * mask.sum())
-    x_pred = model(z, t, cond, cond_keep).float()
+    x_pred = model(z, t, cond).float()
     weight = mask / (1 - t4).clamp(min=0.05) ** 2
     return (weight * (x_pred - x) ** 2).sum() / (3 * mask.sum())
 
 
+def guided(model, z, t, cond=None, guidance=1.0, logits=False):
+    """The model's prediction for z at t. With prompt images, classifier-free guidance: x_u + w * (x_c - x_u)
+    (on digit logits, when asked for them), where w = 1 is the plain conditional prediction and w = 0 the
+    unconditional one. Both halves come from one call: the batch is z twice, prompts for the first half."""
+    if cond is None or guidance == 1:
+        return model(z, t, cond, logits=logits).float()
+    x_c, x_u = model(torch.cat([z, z]), torch.cat([t, t]), cond, logits=logits).float().chunk(2)
+    return x_u + guidance * (x_c - x_u)
+
+
 @torch.no_grad()
-def ddim_sample(model, noise, steps, time_shift=1.0):
+def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0):
     """Deterministic DDIM (eta = 0) from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat
     and slides z along the line from x_hat through z_t: z_s = x_hat + (1-s)/(1-t) * (z_t - x_hat), the
     Euler step of the flow ODE. The last step has s = 1, so it returns x_hat exactly.
     The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift): with
-    s > 1 more steps fall late, where the colors are decided (in base 7 that is t ~ 0.6-0.95, not t < 0.5)."""
+    s > 1 more steps fall late, where the colors are decided (in base 7 that is t ~ 0.6-0.95, not t < 0.5).
+    cond: one prompt image per sample, answered with guidance scale `guidance` (see guided)."""
     u = torch.linspace(0, 1, steps + 1)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
     for t, s in zip(ts[:-1], ts[1:]):
         t_batch = torch.full((len(z),), t, device=z.device)
         if s == 1 and model.digit_classes:  # the answer: each channel's most likely digit, not the mean of
-            digits = model(z, t_batch, logits=True).argmax(dim=1)  # two likely digits (a third, wrong one)
+            digits = guided(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)  # two likely ones
             return digits.float() / (model.digit_classes - 1) * 2 - 1
-        x_hat = model(z, t_batch).float()
+        x_hat = guided(model, z, t_batch, cond, guidance)
         z = x_hat + (1 - s) / (1 - t) * (z - x_hat)
     return z
 
 
 @torch.no_grad()
-def generate(model, enc, num_samples, steps, seed, base, time_shift=1.0):
-    """Sample texts from nothing: returns images (B, 3, S, S), ids (B, S*S), [(text, n_invalid_ids)].
-    The noise comes from a CPU generator, so a seed gives the same start on every device."""
+def generate(model, enc, num_samples, steps, seed, base, time_shift=1.0, prompts=None, guidance=1.0):
+    """Sample texts: returns images (B, 3, S, S), ids (B, S*S), [(text, n_invalid_ids)]. From nothing, or
+    with prompts (token lists, one sample each) as answers. The noise comes from a CPU generator, so a seed
+    gives the same start on every device."""
     side = model.grid * model.patch_size
-    noise = torch.randn(num_samples, 3, side, side, generator=torch.Generator().manual_seed(seed))
-    images = ddim_sample(model, noise.to(model.pos_embed.device), steps, time_shift)
+    dev = model.pos_embed.device
+    cond = None if prompts is None else prompt_images(prompts, side, base, enc.eot_token).to(dev)
+    n = num_samples if prompts is None else len(prompts)
+    noise = torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    images = ddim_sample(model, noise.to(dev), steps, time_shift, cond, guidance)
     ids = image_to_ids(images, base)
     return images, ids, [ids_to_text(row.tolist(), enc) for row in ids]
 
@@ -450,6 +491,28 @@ def mask_after_eot(ids, eot_id):
 
 def load_tokens(data_dir, split):
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
+
+
+def load_pairs(data_dir, split, eot_id):
+    """{split}_pairs.bin holds prompt, end-of-text, answer, end-of-text, ... -> (stream, bounds), where
+    bounds[k] = (prompt start, prompt end, answer start, answer end) of pair k, ends exclusive."""
+    stream = np.fromfile(os.path.join(data_dir, f'{split}_pairs.bin'), dtype=np.uint32)
+    ends = np.flatnonzero(stream == eot_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return stream, np.stack([starts, ends], axis=1).reshape(-1, 4)
+
+
+def get_pair_batch(pairs, rng, n, img_size, eot_id, cond_drop):
+    """n random prompt/answer pairs -> (prompts, answer ids, mask). Each pair loses its prompt with
+    probability cond_drop, which teaches the same model the unconditional answer that guidance needs.
+    The kept prompts belong to the first len(prompts) answers, as JiT.forward wants them. The number kept
+    is rounded at random, so the rate is exact on average and a batch has only two possible shapes."""
+    stream, bounds = pairs
+    rows = bounds[rng.integers(0, len(bounds), size=n)]
+    n_keep = n - int(cond_drop * n + rng.random())
+    prompts = [stream[a:b].tolist() for a, b, _, _ in rows[:n_keep]]
+    answers = torch.tensor([pad_text(stream[a:b].tolist(), img_size ** 2, eot_id) for _, _, a, b in rows])
+    return (prompts, *mask_after_eot(answers, eot_id))
 
 
 def get_batch(tokens, rng, n_windows, n_pixels, eot_id):
@@ -522,10 +585,38 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 
 
 @torch.no_grad()
-def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, n_windows=64,
-                   n_samples=32):
-    """Seeded numbers for one checkpoint: validation loss (t ~ logit-normal(t_mean, t_std) as in training),
-    token recovery at fixed t, and statistics of n_samples unconditional samples."""
+def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0):
+    """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
+    token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
+    stream, bounds = pairs
+    bounds = bounds[:n_prompts]
+    clock = time.time()
+    _, ids, _ = generate(model, enc, len(bounds), steps, seed, base, time_shift,
+                         [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
+    seconds = (time.time() - clock) / len(bounds)
+    exact, right, total = 0, 0, 0
+    for row, (_, _, a, b) in zip(ids.tolist(), bounds):
+        reference = stream[a:b].tolist() + [enc.eot_token]
+        exact += text_part(row, enc.eot_token) == reference[:-1]
+        right += sum(i == j for i, j in zip(row, reference))
+        total += len(reference)
+    return exact / len(bounds), right / total, seconds
+
+
+@torch.no_grad()
+def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
+                   n_windows=64, n_samples=32):
+    """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
+    training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
+    prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
+    meta = load_meta(data_dir)
+    report = {}
+    if meta.get('val_pairs'):
+        pairs = load_pairs(data_dir, 'val', enc.eot_token)
+        for w in sorted({1.0, guidance}):
+            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
+    if not meta['val_tokens']:
+        return report
     dev = model.pos_embed.device
     side = model.grid * model.patch_size
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
@@ -533,8 +624,8 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
     noise = torch.randn(len(ids), 3, side, side, generator=gen).to(dev)
     t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
-    report = {'val_loss': diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
-                                         model.digit_classes).item()}
+    report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
+                                        model.digit_classes).item()
     for t in (0.3, 0.5, 0.7, 0.9):
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
                                                                                   base, enc.eot_token)
@@ -591,12 +682,15 @@ def train():
         keep = command_line_keys | {'init_from', 'out_dir'}
         globals().update({k: saved[k] for k in config_keys if k in saved and k not in keep})
         globals().update({k: saved[k] for k in MODEL_KEYS})  # the weights fix these
-    elif init_from == 'scratch':
-        if os.path.exists(ckpt_path):
-            sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
-                     f"or pick another --out_dir")
-    else:
-        sys.exit(f"error: --init_from must be 'scratch' or 'resume', not {init_from!r}")
+    elif os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
+                 f"or pick another --out_dir")
+    elif init_from != 'scratch':  # fine-tune: the weights of another run, a fresh optimizer, iteration 0
+        if not os.path.isfile(init_from):
+            sys.exit(f"error: --init_from must be 'scratch', 'resume' or a checkpoint file, and {init_from!r} "
+                     f"is none of these")
+        checkpoint = load_checkpoint(init_from, 'cpu')
+        globals().update({k: checkpoint['config'][k] for k in MODEL_KEYS})  # the weights fix these
 
     # one process, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
     ddp = 'RANK' in os.environ
@@ -625,15 +719,27 @@ def train():
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     meta = load_meta(data_dir)
-    if init_from == 'resume' and checkpoint['meta']['encoding'] != meta['encoding']:
-        sys.exit(f"error: {ckpt_path} was trained on {checkpoint['meta']['encoding']} ids but {data_dir} holds "
-                 f"{meta['encoding']} ids; resume with the data it was trained on")
+    if init_from != 'scratch' and checkpoint['meta']['encoding'] != meta['encoding']:
+        sys.exit(f"error: {init_from if init_from != 'resume' else ckpt_path} was trained on "
+                 f"{checkpoint['meta']['encoding']} ids but {data_dir} holds {meta['encoding']} ids; "
+                 f"give it data in the same encoding")
     if color_base == 0:
         globals()['color_base'] = math.ceil(meta['vocab_size'] ** (1 / 3) - 1e-9)
     if objective not in ('v', 'digits'):
         sys.exit(f"error: --objective must be 'v' or 'digits', not {objective!r}")
     if time_shift <= 0:
         sys.exit(f"error: --time_shift must be positive, not {time_shift}")
+    if not 0 <= cond_drop <= 1 or not 0 <= pair_fraction <= 1:
+        sys.exit(f"error: --cond_drop and --pair_fraction are fractions in [0, 1]")
+    # the data: a text stream (train.bin), prompt/answer pairs (train_pairs.bin), or both
+    eot_id, pairs = meta['eot_id'], {}
+    if meta.get('train_pairs'):
+        pairs = {split: load_pairs(data_dir, split, eot_id) for split in ('train', 'val')}
+        longest = max(int((bounds[:, 1::2] - bounds[:, ::2]).max()) for _, bounds in pairs.values())
+        if longest >= img_size ** 2:
+            sys.exit(f"error: {data_dir} holds a prompt or answer of {longest} tokens, but a {img_size}x{img_size} "
+                     f"image has room for {img_size ** 2 - 1} and the end-of-text; raise --img_size or shorten it")
+    n_pairs = 0 if not pairs else round(pair_fraction * batch_size) if meta['train_tokens'] else batch_size
     if color_base < 2 or color_base ** 3 < meta['vocab_size']:
         sys.exit(f"error: color_base={color_base} gives {color_base ** 3} colors, fewer than the "
                  f"{meta['vocab_size']} ids of {meta['encoding']}")
@@ -649,7 +755,10 @@ def train():
         ema.load_state_dict(checkpoint['ema'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         iter_num = checkpoint['iter_num']
-        del checkpoint
+    elif init_from != 'scratch':  # the EMA weights are the pretrained model's best
+        model.load_state_dict(checkpoint['ema'])
+        ema.load_state_dict(checkpoint['ema'])
+    checkpoint = None  # free it
     train_model = torch.compile(model) if compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
@@ -661,22 +770,37 @@ def train():
               f"{patch_size}, {meta['encoding']} ids in base {color_base}")
         print(f"device {dev} x {world_size} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}, global batch "
               f"{images_per_iter} = {batch_size} x {gradient_accumulation_steps} micro-steps, from iter {iter_num}")
+        if pairs:
+            print(f"data: {meta['train_pairs']:,} prompt/answer pairs, {n_pairs} per micro-batch, prompt dropped "
+                  f"{cond_drop:.0%} of the time" + ("; text windows fill the rest" if n_pairs < batch_size else ''))
 
     def batch_loss(net, split, key):
-        """Loss on one micro-batch. Its windows, t and noise are a pure function of (seed, key), so processes
-        can share out an iteration's micro-steps and a resumed run replays exactly what it would have seen."""
+        """Loss on one micro-batch: n_pairs answers (their kept prompts first), then text windows. Its data, t
+        and noise are a pure function of (seed, key), so processes can share out an iteration's micro-steps
+        and a resumed run replays exactly what it would have seen. Also returns (text tokens, prompts)."""
         rng = np.random.default_rng([seed, *key])
-        ids, mask = get_batch(load_tokens(data_dir, split), rng, batch_size, img_size ** 2, meta['eot_id'])
+        prompts, ids, mask = [], [], []
+        if n_pairs:
+            prompts, pair_ids, pair_mask = get_pair_batch(pairs[split], rng, n_pairs, img_size, eot_id, cond_drop)
+            ids, mask = [pair_ids], [pair_mask]
+        if n_pairs < batch_size:
+            text_ids, text_mask = get_batch(load_tokens(data_dir, split), rng, batch_size - n_pairs, img_size ** 2,
+                                            eot_id)
+            ids, mask = ids + [text_ids], mask + [text_mask]
+        ids, mask = torch.cat(ids), torch.cat(mask)
         n_tokens = int(mask.sum())  # counted on the CPU: no wait for the GPU
+        cond = prompt_images(prompts, img_size, color_base, eot_id) if prompts else None
         if device_type == 'cuda':  # pinned memory lets the copies below overlap with the GPU's work
             ids, mask = ids.pin_memory(), mask.pin_memory()
+            cond = cond.pin_memory() if prompts else None
         x = ids_to_image(ids.to(dev, non_blocking=True), color_base)
         mask = mask.to(dev, non_blocking=True).view(-1, 1, img_size, img_size)
+        cond = cond.to(dev, non_blocking=True) if prompts else None
         gen = torch.Generator(dev).manual_seed(int(rng.integers(2 ** 62)))
         t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
         noise = torch.randn(x.shape, generator=gen, device=dev)
         with autocast:
-            return diffusion_loss(net, x, mask, t, noise, model.digit_classes), n_tokens
+            return diffusion_loss(net, x, mask, t, noise, model.digit_classes, cond), n_tokens, len(prompts)
 
     @torch.no_grad()
     def estimate_loss():
@@ -692,12 +816,12 @@ def train():
         return losses
 
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
-    flops_per_iter = flops_per_image(model) * images_per_iter
+    flops_alone, flops_prompted = flops_per_image(model), flops_per_image(model, conditional=True)
     peak = peak_flops
     if not peak and device_type == 'cuda':
         gpu_name = torch.cuda.get_device_name(dev)
         peak = next((flops for name, flops in PEAK_FLOPS.items() if name in gpu_name), 0.0)
-    clock, iters_timed, tokens_seen = time.time(), 0, 0
+    clock, iters_timed, tokens_seen, flops_done = time.time(), 0, 0, 0
     while iter_num < max_iters:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
@@ -706,10 +830,11 @@ def train():
         for micro in range(accum_steps):
             if ddp:  # all-reduce the gradients only once, on the last micro-step
                 train_model.require_backward_grad_sync = micro == accum_steps - 1
-            loss, n_tokens = batch_loss(train_model, 'train', (0, iter_num, rank * accum_steps + micro))
+            loss, n_tokens, n_prompts = batch_loss(train_model, 'train', (0, iter_num, rank * accum_steps + micro))
             (loss / accum_steps).backward()
             loss_sum += loss.detach() / accum_steps
             tokens_seen += n_tokens
+            flops_done += n_prompts * flops_prompted + (batch_size - n_prompts) * flops_alone
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -726,10 +851,10 @@ def train():
             seconds = time.time() - clock
             images_per_s = iters_timed * images_per_iter / seconds
             tokens_per_s = tokens_seen * world_size / seconds  # text tokens, padding excluded
-            mfu = f"{flops_per_iter * iters_timed / seconds / (peak * world_size) * 100:.1f}%" if peak else '-'
+            mfu = f"{flops_done / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's, as all ranks'
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {seconds / iters_timed * 1000:.0f} ms/iter, "
                   f"{images_per_s:.1f} img/s, {tokens_per_s:,.0f} tok/s, mfu {mfu}")
-            clock, iters_timed, tokens_seen = time.time(), 0, 0
+            clock, iters_timed, tokens_seen, flops_done = time.time(), 0, 0, 0
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             losses = estimate_loss()
             if master:
@@ -738,7 +863,7 @@ def train():
                                  'config': {k: globals()[k] for k in config_keys}}, ckpt_path)
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(EMA weights), saved {ckpt_path}")
-            clock, iters_timed, tokens_seen = time.time(), 0, 0  # keep evaluation out of the timings
+            clock, iters_timed, tokens_seen, flops_done = time.time(), 0, 0, 0  # keep evaluation out of timings
     if ddp:
         dist.destroy_process_group()
     return model

@@ -35,6 +35,13 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope='module')
+def copy_dir(tmp_path_factory):  # prompt/answer pairs in bytes: copy a few words
+    out = tmp_path_factory.mktemp('copy')
+    run('prepare_data.py', '--task=copy', '--encoding=bytes', '--num_pairs=200', f'--out_dir={out}')
+    return str(out)
+
+
 def run(script, *args, check=True, cwd=REPO):
     """Run a project script as a user would; returns the finished process (stdout + stderr in .out)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
@@ -149,7 +156,7 @@ def test_output_shapes_with_and_without_condition():
     z, t, cond = torch.randn(3, 3, 8, 8), torch.rand(3), torch.randn(3, 3, 8, 8)
     assert model(z, t).shape == (3, 3, 8, 8)
     assert model(z, t, cond).shape == (3, 3, 8, 8)
-    assert model(z, t, cond, torch.tensor([True, False, True])).shape == (3, 3, 8, 8)
+    assert model(z, t, cond[:1]).shape == (3, 3, 8, 8)
     assert not torch.allclose(model(z, t, cond), model(z, t))  # the condition is seen
 
 
@@ -171,15 +178,13 @@ def test_the_target_takes_the_lower_position_rows_and_the_condition_the_upper_on
     assert not torch.allclose(model(z, t), before)
 
 
-def test_an_unconditional_batch_runs_the_target_alone_and_equals_the_masked_full_sequence():
+def test_prompts_belong_to_the_first_samples_and_the_rest_run_alone():
     model = tiny_model(randomize=True)
-    z, t, cond = torch.randn(4, 3, 8, 8), torch.rand(4), torch.randn(4, 3, 8, 8)
-    alone = model(z, t)
-    masked = model(z, t, cond, cond_keep=torch.zeros(4, dtype=torch.bool))
-    assert torch.allclose(alone, masked, atol=1e-5)
-    mixed = model(z, t, cond, cond_keep=torch.tensor([False, True, False, True]))
-    assert torch.allclose(mixed[[0, 2]], alone[[0, 2]], atol=1e-5)
-    assert torch.allclose(mixed[[1, 3]], model(z, t, cond)[[1, 3]], atol=1e-5)
+    z, t, cond = torch.randn(4, 3, 8, 8), torch.rand(4), torch.randn(2, 3, 8, 8)
+    mixed = model(z, t, cond)  # samples 0 and 1 see a prompt, 2 and 3 none
+    assert torch.allclose(mixed[:2], model(z[:2], t[:2], cond), atol=1e-6)
+    assert torch.allclose(mixed[2:], model(z[2:], t[2:]), atol=1e-6)
+    assert not torch.allclose(mixed[:2], model(z[:2], t[:2]), atol=1e-3)  # the prompt is seen
 
 
 def test_a_digit_head_predicts_the_expected_color_of_its_digits():
@@ -207,7 +212,7 @@ def test_digit_cross_entropy_ignores_padding_and_rewards_the_right_digits(enc):
             super().__init__()
             self.out = logits
 
-        def forward(self, z, t, cond=None, cond_keep=None, logits=False):
+        def forward(self, z, t, cond=None, logits=False):
             return self.out
     right = F.one_hot(digits, 47).permute(0, 4, 1, 2, 3).float() * 20
     t, noise = torch.tensor([0.5]), torch.randn(1, 3, 8, 8)
@@ -228,7 +233,7 @@ class FixedPrediction(torch.nn.Module):
         super().__init__()
         self.x_hat, self.calls = x_hat, []
 
-    def forward(self, z, t, cond=None, cond_keep=None):
+    def forward(self, z, t, cond=None):
         self.calls.append((z.clone(), t.clone()))
         return self.x_hat.clone()
 
@@ -380,7 +385,7 @@ def test_training_logs_saves_and_sample_py_prints_text_and_writes_png(data_dir, 
     width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
     idat = data[data.index(b'IDAT') + 4:data.index(b'IEND') - 8]
     assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
-    assert height == 256 and width == 2 * 256 + 32  # two 8x8 images at 32x, a 1-pixel gap between
+    assert height == 256 and width == (8 + 2 + 8) * 32  # two 8x8 images at 32x, a 2-pixel gap between
 
 
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(data_dir, tmp_path):
@@ -487,7 +492,7 @@ def test_checkpoints_load_without_running_code(data_dir, tmp_path):
 @pytest.mark.parametrize('content, message', [
     (b'', 'is empty'),
     (b'caf\xe9 au lait', 'is not UTF-8 text'),
-    (b'{"title": "no text field"}\n', 'needs a "text" field'),
+    (b'{"title": "no text field"}\n', 'needs a "text" string, or "prompt" and "answer"'),
 ])
 def test_bad_input_files_are_clear_errors_and_keep_the_data_already_prepared(tmp_path, content, message):
     out = tmp_path / 'data'
@@ -568,3 +573,170 @@ def test_quality_report_is_seeded(data_dir, enc):
         r.pop('seconds_per_sample')
     np.testing.assert_equal(reports[0], reports[1])  # NaN (no text ends inside an 8x8 window) equals NaN here
     assert reports[0]['val_loss'] != reports[2]['val_loss']
+
+
+# ----------------------------------------------------------------------------- prompts and answers
+
+def pair_texts(data_dir, split):
+    enc = get_encoding('bytes')
+    stream, bounds = pixeldlm.load_pairs(data_dir, split, enc.eot_token)
+    return [(enc.decode(stream[a:b].tolist()), enc.decode(stream[c:d].tolist())) for a, b, c, d in bounds]
+
+
+def test_prepare_data_writes_pairs_and_text_side_by_side(tmp_path):
+    lines = [{'text': f"Document {i} is plain text."} for i in range(30)]
+    lines += [{'prompt': f"question {i}", 'answer': f"answer {i}"} for i in range(30)]
+    (tmp_path / 'mixed.jsonl').write_text('\n'.join(json.dumps(line) for line in lines))
+    run('prepare_data.py', f'--input={tmp_path}/mixed.jsonl', '--encoding=bytes', f'--out_dir={tmp_path}/d')
+    meta = json.loads((tmp_path / 'd/meta.json').read_text())
+    assert meta['documents'] == 30 and meta['train_pairs'] == 27 and meta['val_pairs'] == 3
+    assert pair_texts(tmp_path / 'd', 'train')[5] == ("question 5", "answer 5")
+    assert pair_texts(tmp_path / 'd', 'val') == [(f"question {i}", f"answer {i}") for i in (27, 28, 29)]
+    assert b'question' not in (tmp_path / 'd/train.bin').read_bytes()  # pairs are not text windows
+
+
+def test_generated_tasks_are_correct_and_held_out_prompts_are_new(tmp_path):
+    for task in ('copy', 'reverse', 'sort'):
+        run('prepare_data.py', f'--task={task}', '--encoding=bytes', '--num_pairs=300',
+            f'--out_dir={tmp_path}/{task}')
+        train, val = pair_texts(tmp_path / task, 'train'), pair_texts(tmp_path / task, 'val')
+        assert len(train) == 270 and len(val) == 30
+        assert not {p for p, _ in val} & {p for p, _ in train}
+        for prompt, answer in train + val:
+            words = prompt.split()
+            expected = words if task == 'copy' else words[::-1] if task == 'reverse' else sorted(words, key=int)
+            assert answer.split() == expected and 2 <= len(words) <= 8
+
+
+def test_condition_dropout_drops_prompts_at_the_given_rate(copy_dir):
+    pairs = pixeldlm.load_pairs(copy_dir, 'train', 256)
+    for cond_drop in (0.0, 0.1, 0.5, 1.0):
+        kept = []
+        for seed in range(400):
+            prompts, ids, mask = pixeldlm.get_pair_batch(pairs, np.random.default_rng(seed), 32, 8, 256, cond_drop)
+            assert ids.shape == (32, 64) and mask.shape == (32, 64)
+            for prompt, row in zip(prompts, ids.tolist()):  # a copy task: each kept prompt is its own answer
+                assert prompt == pixeldlm.text_part(row, 256)
+            kept.append(len(prompts))
+        assert 1 - np.mean(kept) / 32 == pytest.approx(cond_drop, abs=0.006)
+        assert len(set(kept)) <= 2  # two batch shapes at most, friendly to torch.compile
+
+
+def test_guidance_one_is_the_conditional_prediction_and_zero_the_unconditional_one():
+    model = tiny_model(randomize=True)
+    z, t, cond = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 3, 8, 8)
+    conditional, unconditional = model(z, t, cond), model(z, t)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert torch.allclose(pixeldlm.guided(model, z, t, cond, 1.0), conditional, atol=1e-6)
+    assert torch.allclose(pixeldlm.guided(model, z, t, cond, 0.0), unconditional, atol=1e-5)
+    calls.clear()
+    guided = pixeldlm.guided(model, z, t, cond, 3.0)
+    assert torch.allclose(guided, unconditional + 3 * (conditional - unconditional), atol=1e-5)
+    assert len(calls) == 1  # both halves in one batched call
+
+
+def test_prompt_pixels_are_the_same_in_training_and_sampling(copy_dir, tmp_path):
+    probe = tmp_path / 'probe.py'
+    probe.write_text("""
+import sys, torch, pixeldlm
+built, seen = [], []
+make_images, forward = pixeldlm.prompt_images, pixeldlm.JiT.forward
+def spy_images(*args):
+    built.append((args[0], make_images(*args)))
+    return built[-1][1]
+def spy_forward(self, z, t, cond=None, logits=False):
+    seen.append(cond)
+    return forward(self, z, t, cond, logits)
+pixeldlm.prompt_images, pixeldlm.JiT.forward = spy_images, spy_forward
+pixeldlm.configure(sys.argv[1:])
+model = pixeldlm.train()
+prompts, images = built[0]
+assert torch.equal(seen[0], images)  # the training step saw exactly the pixels prompt_images built
+enc = pixeldlm.get_encoding('bytes')
+text = enc.decode(prompts[0])  # what a user would type, encoded the way sample.py encodes it
+built.clear(); seen.clear()
+pixeldlm.generate(model.eval(), enc, 1, 2, 0, pixeldlm.color_base, prompts=[enc.encode_ordinary(text)])
+assert torch.equal(seen[0], images[:1]) and built[0][0] == prompts[:1]
+print('same pixels for', repr(text))
+""")
+    proc = run(str(probe), *TINY, f'--data_dir={copy_dir}', f'--out_dir={tmp_path}/o', '--max_iters=1',
+               '--objective=digits', '--color_base=0')
+    assert 'same pixels for' in proc.out
+
+
+def test_sample_py_answers_prompts_and_refuses_one_too_long(copy_dir, tmp_path):
+    out = tmp_path / 'out'
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={copy_dir}', f'--out_dir={out}', '--max_iters=2',
+               '--objective=digits', '--color_base=0', '--guidance=1.5')
+    assert 'prompt dropped 10% of the time' in proc.out
+    proc = run('sample.py', f'--out_dir={out}', '--prompt=alpha beta', '--steps=3')
+    assert "prompt 0: 'alpha beta' (guidance 1.5" in proc.out
+    (tmp_path / 'prompts.txt').write_text("first prompt\nsecond prompt\n")
+    png = tmp_path / 'answers.png'
+    proc = run('sample.py', f'--out_dir={out}', f'--prompt_file={tmp_path}/prompts.txt', '--guidance=1',
+               '--steps=2', f'--png={png}')
+    assert "prompt 1: 'second prompt' (guidance 1," in proc.out
+    data = png.read_bytes()
+    assert int.from_bytes(data[16:20], 'big') == (8 + 1 + 8 + 2 + 8 + 1 + 8) * 32  # prompt | answer, twice
+    proc = run('sample.py', f'--out_dir={out}', '--prompt=' + 'x' * 64, check=False)
+    assert proc.returncode != 0 and 'does not fit' in proc.out and 'at most 63' in proc.out
+    assert 'Traceback' not in proc.out
+    proc = run('sample.py', f'--out_dir={out}', '--eval', '--steps=2', '--guidance=2')
+    assert 'guidance w=1' in proc.out and 'guidance w=2' in proc.out and 'exact match' in proc.out
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(copy_dir, tmp_path):
+    text = tmp_path / 'text'
+    run('prepare_data.py', '--encoding=bytes', f'--out_dir={text}')
+    args = [*TINY, '--objective=digits', '--color_base=0']
+    run('pixeldlm.py', *args, f'--data_dir={text}', f'--out_dir={tmp_path}/pre', '--max_iters=2')
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={copy_dir}', f'--out_dir={tmp_path}/tuned', '--max_iters=1',
+               f'--init_from={tmp_path}/pre/ckpt.pt', '--learning_rate=0')  # lr 0: nothing may move
+    assert 'from iter 0' in proc.out and 'base 7' in proc.out  # the model keys come from the checkpoint
+    assert_same_tensors(load(tmp_path / 'pre/ckpt.pt')['ema'], load(tmp_path / 'tuned/ckpt.pt')['ema'])
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir_cl100k(tmp_path)}', f'--out_dir={tmp_path}/x',
+               f'--init_from={tmp_path}/pre/ckpt.pt', check=False)
+    assert proc.returncode != 0 and 'same encoding' in proc.out and 'Traceback' not in proc.out
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={copy_dir}', f'--out_dir={tmp_path}/y', '--init_from=nowhere.pt',
+               check=False)
+    assert proc.returncode != 0 and "'nowhere.pt' is none of these" in proc.out
+
+
+def data_dir_cl100k(tmp_path):
+    (tmp_path / 'c.txt').write_text("Some text to tokenize with cl100k_base. " * 30)
+    run('prepare_data.py', f'--input={tmp_path}/c.txt', f'--out_dir={tmp_path}/c')
+    return tmp_path / 'c'
+
+
+def test_text_and_pairs_train_together_and_an_over_long_pair_is_a_clear_error(tmp_path):
+    lines = [{'text': f"Document {i} is plain text."} for i in range(30)]
+    lines += [{'prompt': f"q{i}", 'answer': f"a{i}"} for i in range(30)]
+    (tmp_path / 'mixed.jsonl').write_text('\n'.join(json.dumps(line) for line in lines))
+    run('prepare_data.py', f'--input={tmp_path}/mixed.jsonl', '--encoding=bytes', f'--out_dir={tmp_path}/d')
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={tmp_path}/d', f'--out_dir={tmp_path}/o', '--max_iters=2')
+    assert '2 per micro-batch' in proc.out and 'text windows fill the rest' in proc.out
+    (tmp_path / 'long.jsonl').write_text(json.dumps({'prompt': 'p' * 70, 'answer': 'a'}) + '\n' +
+                                         json.dumps({'prompt': 'p', 'answer': 'a'}))
+    run('prepare_data.py', f'--input={tmp_path}/long.jsonl', '--encoding=bytes', f'--out_dir={tmp_path}/long')
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={tmp_path}/long', f'--out_dir={tmp_path}/o2', check=False)
+    assert proc.returncode != 0 and 'of 70 tokens' in proc.out and '--img_size' in proc.out
+    assert 'Traceback' not in proc.out
+
+
+def test_answer_accuracy_is_perfect_for_a_copier_and_zero_for_a_model_that_ignores_prompts(copy_dir):
+    enc = get_encoding('bytes')
+
+    class Copier(torch.nn.Module):  # x_hat = the prompt image, or flat grey without one
+        digit_classes, grid, patch_size, pos_embed = 0, 4, 2, torch.zeros(1)
+
+        def forward(self, z, t, cond=None, logits=False):
+            out = torch.zeros_like(z)
+            if cond is not None:
+                out[:len(cond)] = cond
+            return out
+    pairs = pixeldlm.load_pairs(copy_dir, 'val', enc.eot_token)
+    exact, per_token, _ = pixeldlm.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=1.0)
+    assert exact == per_token == 1.0
+    exact, per_token, _ = pixeldlm.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=0.0)
+    assert exact == 0.0 and per_token < 0.05
