@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # default config values: JiT-B/4 on 64x64 images, trained on 8 GPUs (train_8gpu.sh)
 # I/O
 out_dir = 'out'
-data_dir = 'data/cl100k_base'  # train.bin, val.bin and meta.json written by prepare_data.py
+data_dir = 'data/cl100k_base'  # from prepare_data.py: text (train.bin, val.bin) and/or pairs, meta.json
 init_from = 'scratch'  # 'scratch', 'resume' (continue out_dir/ckpt.pt exactly), or a ckpt.pt to fine-tune
 eval_interval = 2000  # iterations between validation loss + checkpoint
 log_interval = 10
@@ -100,7 +100,7 @@ presets = {
 
 def configure(args):
     """Apply command line overrides (--key=value or --key value) to the config above, type-checked."""
-    pairs, rest = [], list(args)
+    flags, rest = [], list(args)
     while rest:
         arg = rest.pop(0)
         if not arg.startswith('--'):
@@ -110,14 +110,14 @@ def configure(args):
             if not rest:
                 sys.exit(f"error: --{key} needs a value")
             value = rest.pop(0)
-        pairs.append((key, value))
+        flags.append((key, value))
     updates = {}
-    for key, value in pairs:  # the preset goes first so that explicit flags override it
+    for key, value in flags:  # the preset goes first so that explicit flags override it
         if key == 'preset':
             if value not in presets:
                 sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
             updates.update(presets[value])
-    for key, value in pairs:
+    for key, value in flags:
         if key not in config_keys:
             close = difflib.get_close_matches(key, config_keys, n=3)
             hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ''

@@ -233,7 +233,7 @@ class FixedPrediction(torch.nn.Module):
         super().__init__()
         self.x_hat, self.calls = x_hat, []
 
-    def forward(self, z, t, cond=None):
+    def forward(self, z, t, cond=None, logits=False):
         self.calls.append((z.clone(), t.clone()))
         return self.x_hat.clone()
 
@@ -284,7 +284,7 @@ def test_ddim_step_is_the_update_from_t_to_s():
     class Scripted(torch.nn.Module):  # returns a different x_hat at each call
         digit_classes = 0
 
-        def forward(self, z, t):
+        def forward(self, z, t, cond=None, logits=False):
             return x_hats[int(round(t[0].item() * 4))]
     noise = torch.randn(1, 3, 4, 4)
     z = noise
@@ -310,7 +310,7 @@ def test_a_digit_head_answers_with_its_most_likely_digit_not_the_mean():
     class TwoMinded(torch.nn.Module):
         digit_classes = 7
 
-        def forward(self, z, t, logits=False):
+        def forward(self, z, t, cond=None, logits=False):
             scores = torch.full((1, 7, 3, 2, 2), -9.0)
             scores[:, 0], scores[:, 6] = 0.0, 0.2  # digit 6 slightly more likely
             if logits:
