@@ -740,3 +740,10 @@ def test_answer_accuracy_is_perfect_for_a_copier_and_zero_for_a_model_that_ignor
     assert exact == per_token == 1.0
     exact, per_token, _ = pixeldlm.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=0.0)
     assert exact == 0.0 and per_token < 0.05
+
+    class NeverStops(Copier):  # copies the prompt but writes 'x' where the end-of-text belongs
+        def forward(self, z, t, cond=None, logits=False):
+            ids = image_to_ids(super().forward(z, t, cond), 7)
+            return ids_to_image(ids.masked_fill(ids == enc.eot_token, ord('x')), 7)
+    exact, per_token, _ = pixeldlm.answer_accuracy(NeverStops(), enc, pairs, 7, 3, 1.0, guidance=1.0)
+    assert exact == 0.0 and 0.8 < per_token < 1.0  # every word right, but the answer never ends
