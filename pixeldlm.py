@@ -149,10 +149,14 @@ def parse_value(key, text):
 # -----------------------------------------------------------------------------
 # codec: token id <-> three base-b digits <-> one RGB pixel in [-1, 1], pixels in row-major order
 
+def digit_values(digits, base):
+    """Base-b digits -> channel values, evenly spaced in [-1, 1]."""
+    return digits.float() / (base - 1) * 2 - 1
+
+
 def ids_to_pixels(ids, base):
     """(...) int ids -> (..., 3) floats: R, G, B are the id's base-b digits, least significant first."""
-    digits = torch.stack([ids % base, ids // base % base, ids // base ** 2 % base], dim=-1)
-    return digits.float() / (base - 1) * 2 - 1
+    return digit_values(torch.stack([ids % base, ids // base % base, ids // base ** 2 % base], dim=-1), base)
 
 
 def pixels_to_ids(pixels, base):
@@ -364,7 +368,7 @@ class JiT(nn.Module):
         digit_logits = self.unpatchify(x.view(B, n, -1, C).permute(0, 3, 1, 2).flatten(0, 1)).unflatten(0, (B, C))
         if logits:
             return digit_logits
-        colors = torch.linspace(-1, 1, C, device=x.device).view(1, C, 1, 1, 1)  # digit d -> its pixel value
+        colors = digit_values(torch.arange(C, device=x.device), C).view(1, C, 1, 1, 1)
         return (digit_logits.softmax(dim=1) * colors).sum(dim=1)
 
 
@@ -448,7 +452,7 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0):
         t_batch = torch.full((len(z),), t, device=z.device)
         if s == 1 and model.digit_classes:  # the answer: each channel's most likely digit, not the mean of
             digits = guided(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)  # two likely ones
-            return digits.float() / (model.digit_classes - 1) * 2 - 1
+            return digit_values(digits, model.digit_classes)
         x_hat = guided(model, z, t_batch, cond, guidance)
         z = x_hat + (1 - s) / (1 - t) * (z - x_hat)
     return z
