@@ -9,9 +9,9 @@ Read top to bottom: config, codec, model, diffusion (loss and sampler), data, tr
 
 One process (picks CUDA, else MPS, else CPU):
 $ python pixeldlm.py --preset=classroom
-One node, 8 GPUs, bf16 (see train_8gpu.sh):
+One node with 8 GPUs, bf16 (train_8gpu.sh; NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host for two nodes):
 $ torchrun --standalone --nproc_per_node=8 pixeldlm.py
-Continue a run from out_dir/ckpt.pt:
+Continue a run from out_dir/ckpt.pt (also after SIGTERM/SIGUSR1, which save before they stop):
 $ python pixeldlm.py --init_from=resume
 Fine-tune those weights on prompt/answer pairs (prepare_data.py writes them from {"prompt", "answer"} lines):
 $ python pixeldlm.py --init_from=out/ckpt.pt --data_dir=data/my_pairs --out_dir=out-pairs
@@ -23,9 +23,15 @@ import json
 import math
 import os
 import pickle
+import re
+import signal
 import sys
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -33,6 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on out_dir
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # default config values: JiT-B/4 on 64x64 images, trained on 8 GPUs (train_8gpu.sh)
@@ -54,7 +64,7 @@ patch_size = 4
 n_layer = 12
 n_head = 12
 n_embd = 768
-color_base = 256  # digits per color channel (the seed's 256); 0: the smallest base whose cube covers the vocabulary
+color_base = 256  # digits per color channel (the original design's 256); 0: the smallest base that covers the vocabulary
 objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on each channel's digit
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = -0.8
@@ -80,14 +90,13 @@ dtype = 'auto'  # 'auto' is bfloat16 autocast on CUDA and float32 elsewhere; or 
 compile = True  # torch.compile the model (worth it on GPUs; slow to start on a CPU)
 seed = 1337
 peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up in PEAK_FLOPS
+collective_timeout = 600  # seconds a process waits for the others before it stops the run, naming who is missing
 preset = ''  # start from a named set of values below; flags after it still win
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-command_line_keys = set()  # what configure() set; a resumed run takes every other value from its checkpoint
 
 presets = {
-    # a small model that learns the built-in corpus on a 2-core laptop CPU in under 10 minutes. Byte ids, base 7,
-    # the digit head, t centred on 0.5 and late sampler steps measured best (README).
+    # a small model that learns the built-in corpus on a 2-core laptop CPU in about ten minutes (README).
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', color_base=0, objective='digits', P_mean=0.0,
                       time_shift=8.0,
@@ -96,10 +105,16 @@ presets = {
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
                       compile=False),
 }
+# what the weights fix: a resumed or fine-tuned run takes these from its checkpoint whatever the command line says
+MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective')
+# what runs used before a key existed, so that their checkpoints still load
+LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1}
 
 
 def configure(args):
-    """Apply command line overrides (--key=value or --key value) to the config above, type-checked."""
+    """The run's configuration, settled before anything starts: the defaults above, then the preset, then what a
+    resumed run saved (or, to fine-tune, what the weights fix), then --key=value flags; then every value is
+    checked against its range, so a bad value is one line naming the flag, never a traceback."""
     flags, rest = [], list(args)
     while rest:
         arg = rest.pop(0)
@@ -110,21 +125,30 @@ def configure(args):
             if not rest:
                 sys.exit(f"error: --{key} needs a value")
             value = rest.pop(0)
-        flags.append((key, value))
-    updates = {}
-    for key, value in flags:  # the preset goes first so that explicit flags override it
-        if key == 'preset':
-            if value not in presets:
-                sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
-            updates.update(presets[value])
-    for key, value in flags:
         if key not in config_keys:
             close = difflib.get_close_matches(key, config_keys, n=3)
             hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ''
             sys.exit(f"error: unknown config key --{key}{hint}; see the config block at the top of pixeldlm.py")
-        updates[key] = parse_value(key, value)
-    globals().update(updates)
-    command_line_keys.update(updates)
+        flags.append((key, value))
+    given = {}  # what the command line sets: the preset's values first, so that explicit flags override them
+    for key, value in flags:
+        if key == 'preset':
+            if value not in presets:
+                sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
+            given.update(presets[value])
+    given.update({key: parse_value(key, value) for key, value in flags})
+    globals().update(given)
+    if init_from != 'scratch':
+        checkpoint = load_checkpoint(start_checkpoint_path(), mmap=True)
+        saved = checkpoint['config']
+        settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
+        globals().update({k: saved[k] for k in settled if k in saved and k not in ('init_from', 'out_dir')})
+        if checkpoint['meta']['encoding'] != load_meta(data_dir)['encoding']:
+            sys.exit(f"error: {start_checkpoint_path()} was trained on {checkpoint['meta']['encoding']} ids but "
+                     f"{data_dir} holds {load_meta(data_dir)['encoding']} ids; give it data in the same encoding")
+    if color_base == 0:
+        globals()['color_base'] = math.ceil(load_meta(data_dir)['vocab_size'] ** (1 / 3) - 1e-9)
+    check_config()
 
 
 def parse_value(key, text):
@@ -138,12 +162,50 @@ def parse_value(key, text):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = None
+        value = float(text) if text.lower() in ('nan', 'inf', '-inf') else None  # caught as out of range below
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
         sys.exit(f"error: --{key} takes a {type(default).__name__} like {default!r}, not {text!r}")
     return value
+
+
+def check_config():
+    def require(ok, key, allowed):  # comparisons with nan are False, so nan never passes
+        if not ok:
+            sys.exit(f"error: --{key}={globals()[key]!r} is out of range: it must be {allowed}")
+    for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters',
+                'max_iters', 'lr_decay_iters', 'img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd'):
+        require(globals()[key] >= 1, key, 'at least 1')
+    for key in ('warmup_iters', 'seed', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
+        require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
+    for key in ('ema_decay', 'cond_drop', 'pair_fraction'):
+        require(0 <= globals()[key] <= 1, key, 'between 0 and 1')
+    for key in ('beta1', 'beta2'):
+        require(0 <= globals()[key] < 1, key, 'at least 0 and below 1')
+    for key in ('P_std', 'time_shift', 'collective_timeout'):
+        require(0 < globals()[key] < math.inf, key, 'a finite number > 0')
+    for key in ('P_mean', 'guidance'):
+        require(-math.inf < globals()[key] < math.inf, key, 'finite')
+    require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base that covers the vocabulary) or >= 2')
+    require(objective in ('v', 'digits'), 'objective', "'v' or 'digits'")
+    require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
+    require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
+    require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
+    require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
+
+
+def start_checkpoint_path():
+    """The checkpoint a run starts from: out_dir/ckpt.pt to resume, or another run's to fine-tune."""
+    if init_from == 'resume':
+        path = os.path.join(out_dir, 'ckpt.pt')
+        if not os.path.exists(path):
+            sys.exit(f"error: --init_from=resume but {path} does not exist; train with --init_from=scratch first")
+        return path
+    if not os.path.isfile(init_from):
+        sys.exit(f"error: --init_from must be 'scratch', 'resume' or a checkpoint file, and {init_from!r} is none "
+                 f"of these")
+    return init_from
 
 
 # -----------------------------------------------------------------------------
@@ -177,18 +239,25 @@ def image_to_ids(image, base):
     return pixels_to_ids(image.permute(0, 2, 3, 1), base).flatten(1)
 
 
-def pad_text(ids, n_pixels, eot_id):
-    """One text (a prompt, an answer) -> the n_pixels ids of its image: the text, its end-of-text, then
-    padding. A text that leaves no room for its end-of-text is an error, never silently cut."""
-    if len(ids) >= n_pixels:
-        raise ValueError(f"a text of {len(ids)} tokens does not fit an image of {n_pixels} pixels with its "
+def pad_texts(stream, starts, ends, n_pixels, eot_id):
+    """The texts stream[starts[k]:ends[k]] -> (k, n_pixels) ids of their images: each text, its end-of-text,
+    then padding (which repeats the end-of-text). A text with no room for its end-of-text is an error, never
+    cut silently. Training builds prompts and answers with this, and sampling builds prompts with it."""
+    lengths = np.asarray(ends) - np.asarray(starts)
+    if len(lengths) and lengths.max() >= n_pixels:
+        raise ValueError(f"a text of {lengths.max()} tokens does not fit an image of {n_pixels} pixels with its "
                          f"end-of-text (at most {n_pixels - 1} tokens); shorten it or train with a larger img_size")
-    return list(ids) + [eot_id] * (n_pixels - len(ids))
+    offsets = np.arange(n_pixels)
+    ids = stream[np.minimum(np.asarray(starts)[:, None] + offsets, len(stream) - 1)].astype(np.int64)
+    return np.where(offsets < lengths[:, None], ids, eot_id)
 
 
 def prompt_images(prompts, img_size, base, eot_id):
-    """Token lists -> condition images (B, 3, S, S). Training and sampling both build prompts with this."""
-    return ids_to_image(torch.tensor([pad_text(p, img_size ** 2, eot_id) for p in prompts]), base)
+    """Token lists (what sample.py encodes from text) -> condition images (B, 3, S, S), built by pad_texts."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    stream = np.array([i for p in prompts for i in p] + [eot_id], dtype=np.int64)
+    ids = pad_texts(stream, np.cumsum(lengths) - lengths, np.cumsum(lengths), img_size ** 2, eot_id)
+    return ids_to_image(torch.from_numpy(ids), base)
 
 
 def text_part(row, eot_id):
@@ -238,9 +307,15 @@ def get_encoding(name):
     if name == 'bytes':
         return ByteEncoding()
     import tiktoken
-    if name + '_offline' in tiktoken.list_encoding_names():
-        return tiktoken.get_encoding(name + '_offline')
-    return tiktoken.get_encoding(name)
+    try:
+        if name + '_offline' in tiktoken.list_encoding_names():
+            return tiktoken.get_encoding(name + '_offline')
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # an unknown name, or a download that failed (offline)
+        reason = (str(e).splitlines() or [''])[0][:200]
+        sys.exit(f"error: cannot load the tokenizer {name!r} ({type(e).__name__}: {reason}); 'bytes' and "
+                 f"'cl100k_base' work offline, other tiktoken encodings ({', '.join(tiktoken.list_encoding_names())}) "
+                 f"download once")
 
 
 # -----------------------------------------------------------------------------
@@ -407,6 +482,7 @@ def flops_per_image(model, conditional=False):
     return 6 * (per_token * n_tokens + per_image) + 12 * n_layer * dim * n_tokens ** 2
 
 
+
 # -----------------------------------------------------------------------------
 # diffusion: z_t = t*x + (1-t)*noise, the network predicts x, DDIM walks from t=0 (noise) to t=1 (clean)
 
@@ -415,7 +491,7 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None):
     the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
     A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit.
     Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts. cond: prompt
-    images for the first len(cond) samples (see JiT.forward); a prompt itself is never a target."""
+    images, as JiT.forward takes them; a prompt itself is never a target."""
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
     if digit_classes:
@@ -427,10 +503,10 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None):
     return (weight * (x_pred - x) ** 2).sum() / (3 * mask.sum())
 
 
-def guided(model, z, t, cond=None, guidance=1.0, logits=False):
-    """The model's prediction for z at t. With prompt images, classifier-free guidance: x_u + w * (x_c - x_u)
-    (on digit logits, when asked for them), where w = 1 is the plain conditional prediction and w = 0 the
-    unconditional one. Both halves come from one call: the batch is z twice, prompts for the first half."""
+def predict(model, z, t, cond=None, guidance=1.0, logits=False):
+    """The model's x_hat for z at t (or its digit logits). With prompt images, classifier-free guidance:
+    x_u + w * (x_c - x_u), where w = 1 is the plain conditional prediction and w = 0 the unconditional one.
+    Both halves come from one call: the batch is z twice, prompts for the first half."""
     if cond is None or guidance == 1:
         return model(z, t, cond, logits=logits).float()
     x_c, x_u = model(torch.cat([z, z]), torch.cat([t, t]), cond, logits=logits).float().chunk(2)
@@ -440,57 +516,71 @@ def guided(model, z, t, cond=None, guidance=1.0, logits=False):
 @torch.no_grad()
 def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0):
     """Deterministic DDIM (eta = 0) from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat
-    and slides z along the line from x_hat through z_t: z_s = x_hat + (1-s)/(1-t) * (z_t - x_hat), the
-    Euler step of the flow ODE. The last step has s = 1, so it returns x_hat exactly.
+    and slides z along the line from x_hat through z_t: z_next = x_hat + (1-t_next)/(1-t) * (z_t - x_hat), the
+    Euler step of the flow ODE. The last step (t_next = 1) returns x_hat itself; a digit head answers there
+    with each channel's most likely digit (the mean of two likely digits is a third, unlikely one).
     The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift): with
-    s > 1 more steps fall late, where the colors are decided (in base 7 that is t ~ 0.6-0.95, not t < 0.5).
-    cond: one prompt image per sample, answered with guidance scale `guidance` (see guided)."""
-    u = torch.linspace(0, 1, steps + 1)
+    s > 1 more steps fall late, where the colors are decided.
+    cond: one prompt image per sample, answered with guidance scale `guidance` (see predict)."""
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
-    for t, s in zip(ts[:-1], ts[1:]):
+    for step in range(steps):
+        t, t_next = ts[step], ts[step + 1]
         t_batch = torch.full((len(z),), t, device=z.device)
-        if s == 1 and model.digit_classes:  # the answer: each channel's most likely digit, not the mean of
-            digits = guided(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)  # two likely ones
-            return digit_values(digits, model.digit_classes)
-        x_hat = guided(model, z, t_batch, cond, guidance)
-        z = x_hat + (1 - s) / (1 - t) * (z - x_hat)
-    return z
+        if step == steps - 1:  # chosen by its index: a shifted grid's last t can miss 1.0 by a rounding error
+            if model.digit_classes:
+                digits = predict(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)
+                return digit_values(digits, model.digit_classes)
+            return predict(model, z, t_batch, cond, guidance)
+        x_hat = predict(model, z, t_batch, cond, guidance)
+        z = x_hat + (1 - t_next) / (1 - t) * (z - x_hat)
+
+
+def sample_noise(seed, first, n, side):
+    """Starting noise for samples first .. first+n-1: sample k's noise depends on (seed, k) alone, so a seed
+    gives the same samples on every device and in batches of any size."""
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, k]).standard_normal((3, side, side),
+                                                                                        dtype=np.float32)
+                                      for k in range(first, first + n)]))
 
 
 @torch.no_grad()
-def generate(model, enc, num_samples, steps, seed, base, time_shift=1.0, prompts=None, guidance=1.0):
-    """Sample texts: returns images (B, 3, S, S), ids (B, S*S), [(text, n_invalid_ids)]. From nothing, or
-    with prompts (token lists, one sample each) as answers. The noise comes from a CPU generator, so a seed
-    gives the same start on every device."""
+def generate(model, enc, num_samples, steps, seed, base, time_shift=1.0, prompts=None, guidance=1.0, first=0):
+    """Sample texts, one batch: returns images (B, 3, S, S), ids (B, S*S), [(text, n_invalid_ids)]. From
+    nothing, or with prompts (token lists, one sample each) as answers. first: the index of the batch's first
+    sample, which picks its noise (sample_noise)."""
     side = model.grid * model.patch_size
     dev = model.pos_embed.device
     cond = None if prompts is None else prompt_images(prompts, side, base, enc.eot_token).to(dev)
     n = num_samples if prompts is None else len(prompts)
-    noise = torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
-    images = ddim_sample(model, noise.to(dev), steps, time_shift, cond, guidance)
+    images = ddim_sample(model, sample_noise(seed, first, n, side).to(dev), steps, time_shift, cond, guidance)
     ids = image_to_ids(images, base)
     return images, ids, [ids_to_text(row.tolist(), enc) for row in ids]
 
 
 # -----------------------------------------------------------------------------
-# data: random windows of the token stream written by prepare_data.py
+# data: the token streams prepare_data.py writes, cut into micro-batches by numpy on a background thread
 
 def load_meta(data_dir):
+    """meta.json, once the folder is checked to hold exactly the files it lists at the sizes it lists: a run never
+    starts on a folder that an interrupted or mixed write left behind."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
         sys.exit(f"error: {path} not found; run `python prepare_data.py` first (it writes data/<encoding>; "
                  f"--encoding=bytes for data/bytes), or point --data_dir at its output")
-    with open(path) as f:
-        return json.load(f)
-
-
-def mask_after_eot(ids, eot_id):
-    """(B, n) ids -> (ids, mask). A text ends at its first end-of-text; everything after it is padding,
-    which repeats the end-of-text id. The mask is 1 on the text and its end-of-text, 0 on padding."""
-    is_eot = ids == eot_id
-    padding = (is_eot.cumsum(dim=1) - is_eot.long()) > 0
-    return ids.masked_fill(padding, eot_id), (~padding).float()
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        listed = meta['files']
+    except (ValueError, KeyError, TypeError):  # not JSON, or written before meta.json listed its files
+        sys.exit(f"error: {path} is not what this prepare_data.py writes; run prepare_data.py again")
+    found = {name: os.path.getsize(os.path.join(data_dir, name)) for name in os.listdir(data_dir)
+             if name.endswith('.bin')}
+    if found != listed:
+        sys.exit(f"error: {data_dir} holds {found} (file: bytes) but its meta.json lists {listed}: prepare_data.py "
+                 f"did not finish this folder; run it again")
+    return meta
 
 
 def load_tokens(data_dir, split):
@@ -506,17 +596,34 @@ def load_pairs(data_dir, split, eot_id):
     return stream, np.stack([starts, ends], axis=1).reshape(-1, 4)
 
 
-def get_pair_batch(pairs, rng, n, img_size, eot_id, cond_drop):
-    """n random prompt/answer pairs -> (prompts, answer ids, mask). Each pair loses its prompt with
-    probability cond_drop, which teaches the same model the unconditional answer that guidance needs.
-    The kept prompts belong to the first len(prompts) answers, as JiT.forward wants them. The number kept
-    is rounded at random, so the rate is exact on average and a batch has only two possible shapes."""
-    stream, bounds = pairs
-    rows = bounds[rng.integers(0, len(bounds), size=n)]
-    n_keep = n - int(cond_drop * n + rng.random())
-    prompts = [stream[a:b].tolist() for a, b, _, _ in rows[:n_keep]]
-    answers = torch.tensor([pad_text(stream[a:b].tolist(), img_size ** 2, eot_id) for _, _, a, b in rows])
-    return (prompts, *mask_after_eot(answers, eot_id))
+def load_data():
+    """What the batches are cut from, checked against the config before anything starts: the text streams, the
+    prompt/answer pairs, and how many pairs each micro-batch takes."""
+    meta = load_meta(data_dir)
+    if color_base ** 3 < meta['vocab_size']:
+        sys.exit(f"error: color_base={color_base} gives {color_base ** 3} colors, fewer than the "
+                 f"{meta['vocab_size']} ids of {meta['encoding']}")
+    data = {'meta': meta, 'eot_id': meta['eot_id']}
+    for split in ('train', 'val'):
+        data[split] = load_tokens(data_dir, split) if meta[f'{split}_tokens'] else None
+        data[f'{split}_pairs'] = load_pairs(data_dir, split, meta['eot_id']) if meta[f'{split}_pairs'] else None
+    if data['train_pairs']:
+        longest = max(int((bounds[:, 1::2] - bounds[:, ::2]).max())
+                      for _, bounds in filter(None, (data['train_pairs'], data['val_pairs'])))
+        if longest >= img_size ** 2:
+            sys.exit(f"error: {data_dir} holds a prompt or answer of {longest} tokens, but a {img_size}x{img_size} "
+                     f"image has room for {img_size ** 2 - 1} and the end-of-text; raise --img_size or shorten it")
+    data['n_pairs'] = (0 if not data['train_pairs'] else round(pair_fraction * batch_size) if meta['train_tokens']
+                       else batch_size)
+    return data
+
+
+def mask_after_eot(ids, eot_id):
+    """(B, n) ids -> (ids, mask). A text ends at its first end-of-text; everything after it is padding,
+    which repeats the end-of-text id. The mask is True on the text and its end-of-text, False on padding."""
+    is_eot = ids == eot_id
+    padding = np.cumsum(is_eot, axis=1) - is_eot > 0
+    return np.where(padding, eot_id, ids), ~padding
 
 
 def get_batch(tokens, rng, n_windows, n_pixels, eot_id):
@@ -524,131 +631,68 @@ def get_batch(tokens, rng, n_windows, n_pixels, eot_id):
     that reaches the end of its document stops there, so the model sees texts end and learns to stop."""
     starts = rng.integers(0, len(tokens), size=n_windows)
     ids = tokens[np.minimum(starts[:, None] + np.arange(n_pixels), len(tokens) - 1)]  # the stream ends with eot
-    return mask_after_eot(torch.from_numpy(ids.astype(np.int64)), eot_id)
+    return mask_after_eot(ids.astype(np.int64), eot_id)
 
 
-# -----------------------------------------------------------------------------
-# evaluation: does it write text? (python sample.py --eval)
-
-@torch.no_grad()
-def recovery_accuracy(model, ids, mask, t, noise, base, eot_id):
-    """Noise clean texts to time t and decode ONE x_hat: (fraction of text tokens recovered exactly,
-    fraction of texts ending inside the image whose end-of-text comes back at the right place)."""
-    x = ids_to_image(ids, base)
-    x_hat = model(t * x + (1 - t) * noise, torch.full((len(x),), t, device=x.device))
-    predicted = image_to_ids(x_hat, base)
-    token_accuracy = (predicted == ids)[mask.bool()].float().mean().item()
-
-    def first_eot(rows):
-        is_eot = rows == eot_id
-        return torch.where(is_eot.any(dim=1), is_eot.float().argmax(dim=1), -1)
-    ends = first_eot(ids)
-    eot_accuracy = (first_eot(predicted) == ends)[ends >= 0].float().mean().item()
-    return token_accuracy, eot_accuracy
-
-
-def bigrams(texts, vocab_size):
-    """Every pair of neighbouring ids inside each text, as one int64 key a * vocab_size + b."""
-    keys = [a[:-1] * vocab_size + a[1:] for a in (np.asarray(t, dtype=np.int64) for t in texts) if len(a) > 1]
-    return np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
-
-
-def entropy_bits(ids):
-    counts = np.bincount(np.asarray(ids, dtype=np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a single id
-
-
-def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
-    """Unconditional samples against real windows of the same size: valid ids, texts that end, unigram
-    entropy (against as many real tokens), and the bigram hit rate: the fraction of sampled neighbour pairs
-    found anywhere in the training data, beside real text (the ceiling) and ids drawn independently from
-    the training unigram distribution (the floor)."""
-    def valid(i):
-        return token_bytes(i, enc) is not None
-    texts = [text_part(row, enc.eot_token) for row in sample_ids]
-    real_texts = [text_part(row, enc.eot_token) for row in real_ids]
-    n_ids = sum(len(text) for text in texts)
-    stats = {'valid_ids': sum(valid(i) for text in texts for i in text) / max(n_ids, 1),
-             'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids])),
-             'ended_real': float(np.mean([enc.eot_token in list(row) for row in real_ids]))}
-    texts = [[i for i in text if valid(i)] for text in texts]  # invalid ids have no bigrams to look up
-    sampled = [i for text in texts for i in text]
-    real = [i for text in real_texts for i in text][:max(len(sampled), 1)]
-    stats['entropy'], stats['entropy_real'] = entropy_bits(sampled or [0]), entropy_bits(real)
-    vocab = enc.n_vocab
-    train_tokens = np.asarray(train_tokens[:100_000_000], dtype=np.int64)  # enough to find any common pair
-    known = np.unique(bigrams([train_tokens], vocab))
-    unigram = np.bincount(train_tokens, minlength=vocab).astype(np.float64)
-    unigram[enc.eot_token] = 0
-    independent = rng.choice(vocab, size=max(len(sampled), 10_000), p=unigram / unigram.sum())
-    for name, group in ('bigram_hits', texts), ('bigram_ceiling', real_texts), ('bigram_floor', [independent]):
-        keys = bigrams(group, vocab)
-        stats[name] = float(np.isin(keys, known).mean()) if len(keys) else 0.0
-    return stats
-
-
-@torch.no_grad()
-def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0):
-    """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
-    token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
+def get_pair_batch(pairs, rng, n, n_pixels, eot_id, cond_drop):
+    """n random prompt/answer pairs -> (prompt ids, answer ids, answer mask). Each pair loses its prompt with
+    probability cond_drop, which teaches the same model the unconditional answer that guidance needs; the kept
+    prompts belong to the first answers. The number kept is rounded at random, so the rate is exact on
+    average and a batch has only two possible shapes."""
     stream, bounds = pairs
-    bounds = bounds[:n_prompts]
-    clock = time.time()
-    _, ids, _ = generate(model, enc, len(bounds), steps, seed, base, time_shift,
-                         [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
-    seconds = (time.time() - clock) / len(bounds)
-    exact, right, total = 0, 0, 0
-    for row, (_, _, a, b) in zip(ids.tolist(), bounds):
-        reference = stream[a:b].tolist() + [enc.eot_token]
-        exact += text_part(row, enc.eot_token) == reference[:-1]
-        right += sum(i == j for i, j in zip(row, reference))
-        total += len(reference)
-    return exact / len(bounds), right / total, seconds
+    rows = bounds[rng.integers(0, len(bounds), size=n)]
+    n_keep = n - int(cond_drop * n + rng.random())
+    prompts = pad_texts(stream, rows[:n_keep, 0], rows[:n_keep, 1], n_pixels, eot_id)
+    return (prompts, *mask_after_eot(pad_texts(stream, rows[:, 2], rows[:, 3], n_pixels, eot_id), eot_id))
 
 
-@torch.no_grad()
-def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
-                   n_windows=64, n_samples=32):
-    """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
-    training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
-    prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
-    meta = load_meta(data_dir)
-    report = {}
-    if meta.get('val_pairs'):
-        pairs = load_pairs(data_dir, 'val', enc.eot_token)
-        for w in sorted({1.0, guidance}):
-            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
-    if not meta['val_tokens']:
-        return report
-    dev = model.pos_embed.device
-    side = model.grid * model.patch_size
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    ids, mask = get_batch(load_tokens(data_dir, 'val'), rng, n_windows, side * side, enc.eot_token)
-    noise = torch.randn(len(ids), 3, side, side, generator=gen).to(dev)
-    t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
-    ids, mask = ids.to(dev), mask.to(dev)
-    report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
-                                        model.digit_classes).item()
-    for t in (0.3, 0.5, 0.7, 0.9):
-        report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
-                                                                                  base, enc.eot_token)
-    clock = time.time()
-    _, sample_ids, _ = generate(model, enc, n_samples, steps, seed, base, time_shift)
-    report['seconds_per_sample'] = (time.time() - clock) / n_samples
-    report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
-    return report
+def make_batch(data, split, key, pin=False):
+    """One micro-batch as a pure function of (seed, key), so processes can share out an iteration's micro-steps
+    and a resumed run replays exactly what it would have seen: n_pairs answers (with their kept prompts), then
+    text windows, as CPU tensors, and a seed for the t and noise that the device draws itself."""
+    rng = np.random.default_rng([seed, *key])
+    n_pixels, eot_id, n_pairs = img_size ** 2, data['eot_id'], data['n_pairs']
+    prompts, ids, mask = np.zeros((0, n_pixels), dtype=np.int64), [], []
+    if n_pairs:
+        prompts, pair_ids, pair_mask = get_pair_batch(data[f'{split}_pairs'], rng, n_pairs, n_pixels, eot_id,
+                                                      cond_drop)
+        ids, mask = [pair_ids], [pair_mask]
+    if n_pairs < batch_size:
+        text_ids, text_mask = get_batch(data[split], rng, batch_size - n_pairs, n_pixels, eot_id)
+        ids, mask = ids + [text_ids], mask + [text_mask]
+    tensors = {'ids': np.concatenate(ids).astype(np.int32), 'mask': np.concatenate(mask),
+               'cond': prompts.astype(np.int32) if len(prompts) else None}
+    batch = {k: None if v is None else torch.from_numpy(v) for k, v in tensors.items()}
+    if pin:  # pinned memory lets the copy to the GPU overlap with its work
+        batch = {k: None if v is None else v.pin_memory() for k, v in batch.items()}
+    batch.update(noise_seed=int(rng.integers(2 ** 62)), n_tokens=int(tensors['mask'].sum()), n_prompts=len(prompts))
+    return batch
+
+
+def prefetch(make, keys, depth=2):
+    """Yields (make(key), seconds the caller waited for it) for each key, building `depth` batches ahead on a
+    background thread while the caller trains (numpy and pinning release the GIL)."""
+    def wait(future):
+        clock = time.perf_counter()
+        return future.result(), time.perf_counter() - clock
+    with ThreadPoolExecutor(1) as pool:
+        ahead = deque()
+        for key in keys:
+            ahead.append(pool.submit(make, key))
+            if len(ahead) > depth:
+                yield wait(ahead.popleft())
+        while ahead:
+            yield wait(ahead.popleft())
 
 
 # -----------------------------------------------------------------------------
 # training
 
-# what the weights fix: a resumed run keeps these whatever the command line says
-MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective')
 PEAK_FLOPS = {  # dense bf16 peak FLOP/s (the yardstick of fp32 runs too); the first name in the GPU's name wins
     'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'B200': 2250e12, 'A100': 312e12,
     'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
 }
+stop_signals = []  # SIGTERM or SIGUSR1 (a cluster taking the node back): save at the end of this iteration, then stop
 
 
 def get_lr(it):
@@ -662,212 +706,319 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def load_checkpoint(path, map_location):
-    """Tensors, numbers and strings only (weights_only=True): a checkpoint file can never run code."""
+def load_checkpoint(path, map_location='cpu', mmap=False):
+    """A checkpoint, checked, or one line that says why not: tensors, numbers and strings only (weights_only=True,
+    so a file can never run code), every part this version needs (a file from before a config key existed gets
+    the value its run used), and finite weights (a diverged run's are refused)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        sys.exit(f"error: refusing to load {path}: it holds more than tensors, numbers and strings ({e})")
+        sys.exit(f"error: refusing to load {path}: it holds more than tensors, numbers and strings "
+                 f"({str(e).strip().splitlines()[-1]})")
+    except Exception as e:  # a truncated file, a text file, an empty one, ...
+        sys.exit(f"error: cannot read {path}: it is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:160]})")
+    needed = {'model', 'ema', 'optimizer', 'config', 'meta', 'iter_num'}
+    if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
+        sys.exit(f"error: {path} is not a PixelDLM checkpoint (it needs {', '.join(sorted(needed))})")
+    checkpoint['config'] = {**LEGACY_CONFIG, **checkpoint['config']}
+    if checkpoint['config'].get('self_cond'):
+        sys.exit(f"error: {path} was trained with self-conditioning, which left the code in 85a85de "
+                 f"(`git checkout a1550de` has it)")
+    if not all(w.isfinite().all() for w in checkpoint['ema'].values() if w.is_floating_point()):
+        sys.exit(f"error: {path} holds non-finite weights (its run diverged); use an earlier checkpoint")
+    return checkpoint
 
 
 def save_checkpoint(state, path):
-    torch.save(state, path + '.tmp')
-    os.replace(path + '.tmp', path)  # atomic: a crash mid-save never leaves a broken ckpt.pt behind
+    """Atomic and durable: a temporary file of this process's own, flushed to the disk, then renamed over path,
+    so a crash or a full disk never leaves a broken ckpt.pt. Returns None, or what went wrong."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return f"could not save {path} ({str(e).strip().splitlines()[0][:200]})"
+
+
+def lock_out_dir():
+    """One trainer per out_dir: an exclusive lock on out_dir/lock, which the OS drops when the process ends,
+    however it ends, so a crashed run never leaves it stuck. Returns the lock file; keep it open."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, 'lock'), 'w')
+    try:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(f"error: another trainer is using {out_dir} (it holds {out_dir}/lock); wait for it to end or "
+                 f"pick another --out_dir")
+    return lock
+
+
+def setup_device(name, local_rank=0, ddp=False):
+    """--device -> the device this process uses, checked. A GPU goes by its index (torch.cuda.set_device refuses
+    a bare 'cuda'): under torchrun every process takes the GPU of its LOCAL_RANK, alone it takes GPU 0."""
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', name):
+        sys.exit(f"error: --device={name!r} is not a device: it must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'mps' and not torch.backends.mps.is_available():
+        sys.exit("error: --device=mps but this PyTorch sees no MPS device (Apple GPUs only); use --device=cpu")
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            sys.exit(f"error: --device={name} but this PyTorch sees no CUDA GPU; use --device=cpu")
+        if name == 'cuda':
+            name = f'cuda:{local_rank}'
+        elif ddp:
+            sys.exit(f"error: --device={name}: under torchrun every process takes the GPU of its LOCAL_RANK; "
+                     f"pass --device=cuda, and pick GPUs with CUDA_VISIBLE_DEVICES")
+        if int(name[5:]) >= torch.cuda.device_count():
+            sys.exit(f"error: --device={name} but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(name)
+    return name
+
+
+def start_watchdog(rank, world_size, progress):
+    """Under DDP a process that stops answering (stopped, hung in I/O, or on a dead node) would leave the others
+    waiting inside a collective forever. A thread in every process publishes, each second, a heartbeat and how
+    far it got (progress['count']: micro-steps and evaluation batches) to the store torchrun set up. When its own
+    progress stalls for collective_timeout seconds, it names the processes whose heartbeat stopped, or that are
+    behind, and ends this one. Saved checkpoints are intact: saves are atomic."""
+    store = dist.distributed_c10d._get_default_store()  # torchrun's rendezvous store (a private accessor)
+    keys = [f'pixeldlm/{r}' for r in range(world_size)]
+
+    def read_all():  # [(heartbeat, progress)] of every rank
+        return [tuple(map(int, store.get(k).split())) if store.check([k]) else (-1, -1) for k in keys]
+
+    def watch():
+        beat, last_count, since, first_look = 0, -1, time.time(), None
+        while True:
+            time.sleep(1)
+            beat += 1
+            try:
+                store.set(keys[rank], f"{beat} {progress['count']}")
+            except Exception:  # the store lives with node 0; the timeout below still ends this process
+                pass
+            if progress['count'] != last_count:
+                last_count, since, first_look = progress['count'], time.time(), None
+            elif time.time() - since > collective_timeout:
+                try:
+                    if first_look is None:  # look again a few heartbeats later: whose heartbeat stopped?
+                        first_look = (beat, read_all())
+                        continue
+                    if beat - first_look[0] < 5:
+                        continue
+                    now = read_all()
+                    gone = [r for r in range(world_size) if now[r][0] == first_look[1][r][0]]
+                    behind = [r for r in range(world_size) if now[r][1] < max(n[1] for n in now)]
+                    who = (f"rank {', '.join(map(str, gone))} stopped (frozen, killed, or its node is down)" if gone
+                           else f"rank {', '.join(map(str, behind))} is stuck in its own work" if behind
+                           else "every rank is waiting at the same point")
+                except Exception:
+                    who = "the store on node 0 does not answer (node 0 is down)"
+                print(f"error: rank {rank}: no progress for {collective_timeout:g} s at iteration {progress['iter']}; "
+                      f"{who}. Saved checkpoints are intact: continue with --init_from=resume once every process "
+                      f"is back", file=sys.stderr, flush=True)
+                os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def build_model(checkpoint, dev):
+    """(model, its EMA, optimizer, iteration): fresh, resumed from a checkpoint, or (fine-tuning) started from
+    its EMA weights with a fresh optimizer at iteration 0."""
+    torch.manual_seed(seed)
+    model = model_from_config(globals()).to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
+                                  weight_decay=weight_decay, fused=dev.startswith('cuda'))
+    if checkpoint is None:
+        return model, ema, optimizer, 0
+    try:
+        if init_from == 'resume':
+            model.load_state_dict(checkpoint['model'])
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        else:  # the EMA weights are the pretrained model's best
+            model.load_state_dict(checkpoint['ema'])
+        ema.load_state_dict(checkpoint['ema'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        sys.exit(f"error: the weights in {start_checkpoint_path()} do not fit the model its config describes "
+                 f"({str(e).strip().splitlines()[0][:200]})")
+    return model, ema, optimizer, checkpoint['iter_num'] if init_from == 'resume' else 0
+
+
+def batch_loss(net, batch, dev, autocast):
+    """The loss of one micro-batch (make_batch) on the device, which draws the batch's t and noise itself."""
+    x = ids_to_image(batch['ids'].to(dev, non_blocking=True), color_base)
+    mask = batch['mask'].to(dev, non_blocking=True).view(-1, 1, img_size, img_size).float()
+    cond = None if batch['cond'] is None else ids_to_image(batch['cond'].to(dev, non_blocking=True), color_base)
+    gen = torch.Generator(dev).manual_seed(batch['noise_seed'])
+    t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
+    noise = torch.randn(x.shape, generator=gen, device=dev)
+    with autocast:
+        return diffusion_loss(net, x, mask, t, noise, color_base if objective == 'digits' else 0, cond)
+
+
+@torch.no_grad()
+def estimate_loss(ema, data, dev, autocast, rank, world_size, progress):
+    """Loss of the EMA weights on the same eval_iters batches of each split every time, shared out among processes."""
+    losses = {}
+    for split_index, split in enumerate(['train', 'val']):
+        total = torch.zeros(2, device=dev)  # (sum of losses, number of batches)
+        for k in range(rank, eval_iters, world_size):
+            progress['count'] += 1
+            loss = batch_loss(ema, make_batch(data, split, (1 + split_index, k)), dev, autocast)
+            total += torch.stack([loss.float(), torch.ones((), device=dev)])
+        if world_size > 1:
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
+    return losses
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train():
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist; "
-                     f"train with --init_from=scratch first")
-        checkpoint = load_checkpoint(ckpt_path, 'cpu')  # load_state_dict moves it to the device later
-        saved = checkpoint['config']  # the run goes on as it was configured, except for flags given now
-        keep = command_line_keys | {'init_from', 'out_dir'}
-        globals().update({k: saved[k] for k in config_keys if k in saved and k not in keep})
-        globals().update({k: saved[k] for k in MODEL_KEYS})  # the weights fix these
-    elif os.path.exists(ckpt_path):
-        sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
-                 f"or pick another --out_dir")
-    elif init_from != 'scratch':  # fine-tune: the weights of another run, a fresh optimizer, iteration 0
-        if not os.path.isfile(init_from):
-            sys.exit(f"error: --init_from must be 'scratch', 'resume' or a checkpoint file, and {init_from!r} "
-                     f"is none of these")
-        checkpoint = load_checkpoint(init_from, 'cpu')
-        globals().update({k: checkpoint['config'][k] for k in MODEL_KEYS})  # the weights fix these
-
-    # one process, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
+    """nanoGPT's loop, over one process or torchrun's, with EMA weights. Nothing is lost on a NaN, a signal, or a
+    process that stops answering. Returns the model (its last weights; the EMA's are in the checkpoint)."""
+    # processes: one, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
     ddp = 'RANK' in os.environ
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    dev = device
-    if dev == 'auto':
-        dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if ddp and dev == 'cuda':
-        dev = f'cuda:{local_rank}'
-    device_type = dev.split(':')[0]
-    if device_type == 'cuda':
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if ddp:
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
     master = rank == 0
     if gradient_accumulation_steps % world_size:
         sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
                  f"the number of processes ({world_size})")
     accum_steps = gradient_accumulation_steps // world_size
-    if dtype not in ('auto', 'bfloat16', 'float32'):
-        sys.exit(f"error: --dtype must be auto, bfloat16 or float32, not {dtype!r}")
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    lock = lock_out_dir() if master else None  # held until this process ends
+    if init_from == 'scratch' and os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
+                 f"or pick another --out_dir")
+    checkpoint = None if init_from == 'scratch' else load_checkpoint(start_checkpoint_path())
+    data = load_data()
+    if checkpoint and init_from == 'resume' and checkpoint['iter_num'] >= max_iters:
+        print(f"{ckpt_path} is at iteration {checkpoint['iter_num']} already (max_iters={max_iters}); nothing to do, "
+              f"raise --max_iters to train on")
+        return None
+    dev = setup_device(device, local_rank, ddp)
+    device_type = dev.split(':')[0]
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:  # the backend's own timeout comes after the watchdog's, which says who is missing
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
+                                timeout=timedelta(seconds=collective_timeout + 60),
+                                device_id=torch.device(dev) if device_type == 'cuda' else None)
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    meta = load_meta(data_dir)
-    if init_from != 'scratch' and checkpoint['meta']['encoding'] != meta['encoding']:
-        sys.exit(f"error: {init_from if init_from != 'resume' else ckpt_path} was trained on "
-                 f"{checkpoint['meta']['encoding']} ids but {data_dir} holds {meta['encoding']} ids; "
-                 f"give it data in the same encoding")
-    if color_base == 0:
-        globals()['color_base'] = math.ceil(meta['vocab_size'] ** (1 / 3) - 1e-9)
-    if objective not in ('v', 'digits'):
-        sys.exit(f"error: --objective must be 'v' or 'digits', not {objective!r}")
-    if time_shift <= 0:
-        sys.exit(f"error: --time_shift must be positive, not {time_shift}")
-    if not 0 <= cond_drop <= 1 or not 0 <= pair_fraction <= 1:
-        sys.exit(f"error: --cond_drop and --pair_fraction are fractions in [0, 1]")
-    # the data: a text stream (train.bin), prompt/answer pairs (train_pairs.bin), or both
-    eot_id, pairs = meta['eot_id'], {}
-    if meta.get('train_pairs'):
-        pairs = {split: load_pairs(data_dir, split, eot_id) for split in ('train', 'val')}
-        longest = max(int((bounds[:, 1::2] - bounds[:, ::2]).max()) for _, bounds in pairs.values())
-        if longest >= img_size ** 2:
-            sys.exit(f"error: {data_dir} holds a prompt or answer of {longest} tokens, but a {img_size}x{img_size} "
-                     f"image has room for {img_size ** 2 - 1} and the end-of-text; raise --img_size or shorten it")
-    n_pairs = 0 if not pairs else round(pair_fraction * batch_size) if meta['train_tokens'] else batch_size
-    if color_base < 2 or color_base ** 3 < meta['vocab_size']:
-        sys.exit(f"error: color_base={color_base} gives {color_base ** 3} colors, fewer than the "
-                 f"{meta['vocab_size']} ids of {meta['encoding']}")
-
-    torch.manual_seed(seed)
-    model = model_from_config(globals()).to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
-                                  weight_decay=weight_decay, fused=device_type == 'cuda')
-    iter_num = 0
-    if init_from == 'resume':
-        model.load_state_dict(checkpoint['model'])
-        ema.load_state_dict(checkpoint['ema'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        iter_num = checkpoint['iter_num']
-    elif init_from != 'scratch':  # the EMA weights are the pretrained model's best
-        model.load_state_dict(checkpoint['ema'])
-        ema.load_state_dict(checkpoint['ema'])
+    model, ema, optimizer, iter_num = build_model(checkpoint, dev)
     checkpoint = None  # free it
     train_model = torch.compile(model) if compile else model
     if ddp:
-        train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+        train_model = DDP(train_model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
     n_params = sum(p.numel() for p in model.parameters())
     images_per_iter = batch_size * gradient_accumulation_steps
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
-              f"{patch_size}, {meta['encoding']} ids in base {color_base}")
+              f"{patch_size}, {data['meta']['encoding']} ids in base {color_base}")
         print(f"device {dev} x {world_size} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}, global batch "
               f"{images_per_iter} = {batch_size} x {gradient_accumulation_steps} micro-steps, from iter {iter_num}")
-        if pairs:
-            print(f"data: {meta['train_pairs']:,} prompt/answer pairs, {n_pairs} per micro-batch, prompt dropped "
-                  f"{cond_drop:.0%} of the time" + ("; text windows fill the rest" if n_pairs < batch_size else ''))
+        if data['n_pairs']:
+            print(f"data: {data['meta']['train_pairs']:,} prompt/answer pairs, {data['n_pairs']} per micro-batch, "
+                  f"prompt dropped {cond_drop:.0%} of the time"
+                  + ("; text windows fill the rest" if data['n_pairs'] < batch_size else ''))
+    progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
+    if ddp:
+        start_watchdog(rank, world_size, progress)
+    for name in ('SIGTERM', 'SIGUSR1'):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
 
-    def batch_loss(net, split, key):
-        """Loss on one micro-batch: n_pairs answers (their kept prompts first), then text windows. Its data, t
-        and noise are a pure function of (seed, key), so processes can share out an iteration's micro-steps
-        and a resumed run replays exactly what it would have seen. Also returns (text tokens, prompts)."""
-        rng = np.random.default_rng([seed, *key])
-        prompts, ids, mask = [], [], []
-        if n_pairs:
-            prompts, pair_ids, pair_mask = get_pair_batch(pairs[split], rng, n_pairs, img_size, eot_id, cond_drop)
-            ids, mask = [pair_ids], [pair_mask]
-        if n_pairs < batch_size:
-            text_ids, text_mask = get_batch(load_tokens(data_dir, split), rng, batch_size - n_pairs, img_size ** 2,
-                                            eot_id)
-            ids, mask = ids + [text_ids], mask + [text_mask]
-        ids, mask = torch.cat(ids), torch.cat(mask)
-        n_tokens = int(mask.sum())  # counted on the CPU: no wait for the GPU
-        cond = prompt_images(prompts, img_size, color_base, eot_id) if prompts else None
-        if device_type == 'cuda':  # pinned memory lets the copies below overlap with the GPU's work
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-            cond = cond.pin_memory() if prompts else None
-        x = ids_to_image(ids.to(dev, non_blocking=True), color_base)
-        mask = mask.to(dev, non_blocking=True).view(-1, 1, img_size, img_size)
-        cond = cond.to(dev, non_blocking=True) if prompts else None
-        gen = torch.Generator(dev).manual_seed(int(rng.integers(2 ** 62)))
-        t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
-        noise = torch.randn(x.shape, generator=gen, device=dev)
-        with autocast:
-            return diffusion_loss(net, x, mask, t, noise, model.digit_classes, cond), n_tokens, len(prompts)
+    def finish(message, exit_code):  # every process stops here together; the master says why
+        if master:
+            print(message, file=sys.stderr if exit_code else sys.stdout, flush=True)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(exit_code)
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Loss of the EMA weights on the same eval_iters batches of each split every time."""
-        losses = {}
-        for split_index, split in enumerate(['train', 'val']):
-            total = torch.zeros(2, device=dev)  # (sum of losses, number of batches), shared out among processes
-            for k in range(rank, eval_iters, world_size):
-                total += torch.stack([batch_loss(ema, split, (1 + split_index, k))[0], torch.ones((), device=dev)])
-            if ddp:
-                dist.all_reduce(total)
-            losses[split] = (total[0] / total[1]).item()
-        return losses
-
+    keys = ((0, it, rank * accum_steps + micro) for it in range(iter_num, max_iters) for micro in range(accum_steps))
+    batches = prefetch(lambda key: make_batch(data, 'train', key, pin=device_type == 'cuda'), keys)
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
     flops_alone, flops_prompted = flops_per_image(model), flops_per_image(model, conditional=True)
-    peak = peak_flops
-    if not peak and device_type == 'cuda':
-        gpu_name = torch.cuda.get_device_name(dev)
-        peak = next((flops for name, flops in PEAK_FLOPS.items() if name in gpu_name), 0.0)
-    clock, iters_timed, tokens_seen, flops_done = time.time(), 0, 0, 0
+    peak = peak_flops or (next((f for name, f in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(dev)), 0.0)
+                          if device_type == 'cuda' else 0.0)
+    clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0
     while iter_num < max_iters:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=dev)
         for micro in range(accum_steps):
+            batch, seconds = next(batches)
+            waited += seconds
+            progress['count'] += 1
             if ddp:  # all-reduce the gradients only once, on the last micro-step
                 train_model.require_backward_grad_sync = micro == accum_steps - 1
-            loss, n_tokens, n_prompts = batch_loss(train_model, 'train', (0, iter_num, rank * accum_steps + micro))
+            loss = batch_loss(train_model, batch, dev, autocast)
             (loss / accum_steps).backward()
             loss_sum += loss.detach() / accum_steps
-            tokens_seen += n_tokens
-            flops_done += n_prompts * flops_prompted + (batch_size - n_prompts) * flops_alone
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            tokens_seen += batch['n_tokens']
+            flops_done += batch['n_prompts'] * flops_prompted + (batch_size - batch['n_prompts']) * flops_alone
+        grad_norm = torch.nn.utils.clip_grad_norm_(model_params, grad_clip or math.inf)
+        # one all-reduce tells every process the mean loss, the gradient norm and whether any process got a signal
+        shared = torch.stack([loss_sum, grad_norm.float(), torch.tensor(float(len(stop_signals)), device=dev)])
+        if ddp:
+            dist.all_reduce(shared)
+        lossf, grad_normf, stop = (shared / world_size).tolist()
+        if not (math.isfinite(lossf) and math.isfinite(grad_normf)):  # the step is not taken, nothing is saved
+            finish(f"error: iteration {iter_num}: loss {lossf}, gradient norm {grad_normf}; the step was not taken "
+                   f"and {ckpt_path} {'is as it was' if os.path.exists(ckpt_path) else 'was never written'}. Try a "
+                   f"lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, then --init_from=resume", 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # a young EMA would mostly remember the random init, so its decay ramps up
-            decay = min(ema_decay, (1 + iter_num) / (10 + iter_num))
-            for e, p in zip(ema_params, model_params):
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
         iter_num += 1
         iters_timed += 1
+        progress['iter'] = iter_num
 
         if iter_num % log_interval == 0 and master:
-            lossf = float(loss_sum)  # waits for the device, so the clock below is honest
             seconds = time.time() - clock
-            images_per_s = iters_timed * images_per_iter / seconds
-            tokens_per_s = tokens_seen * world_size / seconds  # text tokens, padding excluded
             mfu = f"{flops_done / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's, as all ranks'
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {seconds / iters_timed * 1000:.0f} ms/iter, "
-                  f"{images_per_s:.1f} img/s, {tokens_per_s:,.0f} tok/s, mfu {mfu}")
-            clock, iters_timed, tokens_seen, flops_done = time.time(), 0, 0, 0
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
-            losses = estimate_loss()
-            if master:
-                save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
-                                 'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': meta,
-                                 'config': {k: globals()[k] for k in config_keys}}, ckpt_path)
+            print(f"iter {iter_num}/{max_iters} ({iter_num / max_iters:.0%}): loss {lossf:.4f}, grad norm "
+                  f"{grad_normf:.3f}, lr {lr:.2e}, {seconds / iters_timed * 1000:.0f} ms/iter, "
+                  f"{iters_timed * images_per_iter / seconds:.1f} img/s, {tokens_seen * world_size / seconds:,.0f} "
+                  f"tok/s, data wait {waited / seconds:.1%}, mfu {mfu}, "
+                  f"ETA {duration((max_iters - iter_num) * seconds / iters_timed)}")
+            clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0
+        if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
+            losses = None if stop else estimate_loss(ema, data, dev, autocast, rank, world_size, progress)
+            if losses and not all(map(math.isfinite, losses.values())):
+                finish(f"error: iteration {iter_num}: the EMA weights give losses {losses}; not saved, {ckpt_path} is "
+                       f"as it was. Try a lower --learning_rate (now {learning_rate:g}) or --grad_clip=1", 1)
+            problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
+                                       'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': data['meta'],
+                                       'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else None
+            failed = torch.tensor(float(problem is not None), device=dev)
+            if ddp:  # also keeps the other processes here until the master has saved
+                dist.all_reduce(failed)
+            if failed.item():
+                finish(f"error: iteration {iter_num}: {problem}; the previous checkpoint is as it was", 1)
+            if master and losses:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(EMA weights), saved {ckpt_path}")
-            clock, iters_timed, tokens_seen, flops_done = time.time(), 0, 0, 0  # keep evaluation out of timings
+            if stop:
+                name = signal.Signals(stop_signals[0]).name if stop_signals else 'a signal to another process'
+                finish(f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue with --init_from=resume", 0)
+            clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0  # evaluation is not timed
     if ddp:
         dist.destroy_process_group()
     return model

@@ -1,22 +1,141 @@
 """
-Generate text with a trained PixelDLM checkpoint (its EMA weights).
+Generate text with a trained PixelDLM checkpoint (its EMA weights), or print its quality report.
 
 $ python sample.py --out_dir=out-classroom
 $ python sample.py --out_dir=out --num_samples=8 --steps=50 --seed=7 --png=samples.png
 $ python sample.py --out_dir=out-reverse --prompt "apple river stone"    # a checkpoint trained on pairs
 $ python sample.py --out_dir=out-reverse --prompt_file=prompts.txt --guidance=2 --png=answers.png
+$ python sample.py --out_dir=out-classroom --eval                        # the quality report
 """
 import argparse
 import math
 import os
 import struct
 import sys
+import time
 import zlib
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
-from pixeldlm import generate, get_encoding, load_checkpoint, model_from_config, prompt_images, quality_report
+from pixeldlm import (diffusion_loss, generate, get_batch, get_encoding, ids_to_image, image_to_ids, load_checkpoint,
+                      load_meta, load_pairs, load_tokens, model_from_config, prompt_images, setup_device, text_part,
+                      token_bytes)
+
+
+# -----------------------------------------------------------------------------
+# the quality report (--eval): does it write text?
+
+@torch.no_grad()
+def recovery_accuracy(model, ids, mask, t, noise, base, eot_id):
+    """Noise clean texts to time t and decode ONE x_hat: (fraction of text tokens recovered exactly,
+    fraction of texts ending inside the image whose end-of-text comes back at the right place)."""
+    x = ids_to_image(ids, base)
+    x_hat = model(t * x + (1 - t) * noise, torch.full((len(x),), t, device=x.device))
+    predicted = image_to_ids(x_hat, base)
+    token_accuracy = (predicted == ids)[mask.bool()].float().mean().item()
+
+    def first_eot(rows):
+        is_eot = rows == eot_id
+        return torch.where(is_eot.any(dim=1), is_eot.float().argmax(dim=1), -1)
+    ends = first_eot(ids)
+    eot_accuracy = (first_eot(predicted) == ends)[ends >= 0].float().mean().item()
+    return token_accuracy, eot_accuracy
+
+
+def bigrams(texts, vocab_size):
+    """Every pair of neighbouring ids inside each text, as one int64 key a * vocab_size + b."""
+    keys = [a[:-1] * vocab_size + a[1:] for a in (np.asarray(t, dtype=np.int64) for t in texts) if len(a) > 1]
+    return np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+
+
+def entropy_bits(ids):
+    counts = np.bincount(np.asarray(ids, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a single id
+
+
+def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
+    """Unconditional samples against real windows of the same size: valid ids, texts that end, unigram
+    entropy (against as many real tokens), and the bigram hit rate: the fraction of sampled neighbour pairs
+    found anywhere in the training data, beside real text (the ceiling) and ids drawn independently from
+    the training unigram distribution (the floor)."""
+    def valid(i):
+        return token_bytes(i, enc) is not None
+    texts = [text_part(row, enc.eot_token) for row in sample_ids]
+    real_texts = [text_part(row, enc.eot_token) for row in real_ids]
+    n_ids = sum(len(text) for text in texts)
+    stats = {'valid_ids': sum(valid(i) for text in texts for i in text) / max(n_ids, 1),
+             'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids])),
+             'ended_real': float(np.mean([enc.eot_token in list(row) for row in real_ids]))}
+    texts = [[i for i in text if valid(i)] for text in texts]  # invalid ids have no bigrams to look up
+    sampled = [i for text in texts for i in text]
+    real = [i for text in real_texts for i in text][:max(len(sampled), 1)]
+    stats['entropy'], stats['entropy_real'] = entropy_bits(sampled or [0]), entropy_bits(real)
+    vocab = enc.n_vocab
+    train_tokens = np.asarray(train_tokens[:100_000_000], dtype=np.int64)  # enough to find any common pair
+    known = np.unique(bigrams([train_tokens], vocab))
+    unigram = np.bincount(train_tokens, minlength=vocab).astype(np.float64)
+    unigram[enc.eot_token] = 0
+    independent = rng.choice(vocab, size=max(len(sampled), 10_000), p=unigram / unigram.sum())
+    for name, group in ('bigram_hits', texts), ('bigram_ceiling', real_texts), ('bigram_floor', [independent]):
+        keys = bigrams(group, vocab)
+        stats[name] = float(np.isin(keys, known).mean()) if len(keys) else 0.0
+    return stats
+
+
+@torch.no_grad()
+def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0):
+    """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
+    token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
+    stream, bounds = pairs
+    bounds = bounds[:n_prompts]
+    clock = time.time()
+    _, ids, _ = generate(model, enc, len(bounds), steps, seed, base, time_shift,
+                         [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
+    seconds = (time.time() - clock) / len(bounds)
+    exact, right, total = 0, 0, 0
+    for row, (_, _, a, b) in zip(ids.tolist(), bounds):
+        reference = stream[a:b].tolist() + [enc.eot_token]
+        exact += text_part(row, enc.eot_token) == reference[:-1]
+        right += sum(i == j for i, j in zip(row, reference))
+        total += len(reference)
+    return exact / len(bounds), right / total, seconds
+
+
+@torch.no_grad()
+def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
+                   n_windows=64, n_samples=32):
+    """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
+    training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
+    prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
+    meta = load_meta(data_dir)
+    report = {}
+    if meta.get('val_pairs'):
+        pairs = load_pairs(data_dir, 'val', enc.eot_token)
+        for w in sorted({1.0, guidance}):
+            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
+    if not meta['val_tokens']:
+        return report
+    dev = model.pos_embed.device
+    side = model.grid * model.patch_size
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    ids, mask = map(torch.from_numpy, get_batch(load_tokens(data_dir, 'val'), rng, n_windows, side * side,
+                                                 enc.eot_token))
+    noise = torch.randn(len(ids), 3, side, side, generator=gen).to(dev)
+    t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
+    ids, mask = ids.to(dev), mask.to(dev)
+    report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
+                                        model.digit_classes).item()
+    for t in (0.3, 0.5, 0.7, 0.9):
+        report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
+                                                                                  base, enc.eot_token)
+    clock = time.time()
+    _, sample_ids, _ = generate(model, enc, n_samples, steps, seed, base, time_shift)
+    report['seconds_per_sample'] = (time.time() - clock) / n_samples
+    report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
+    return report
 
 
 def write_png(path, rgb):
@@ -58,10 +177,13 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
     parser.add_argument('--num_samples', type=int, default=3)
+    parser.add_argument('--batch_size', type=int, default=64, help='samples generated at once (memory grows with it)')
     parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
     parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'mps'")
+    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+    parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
+                        help="'auto': bfloat16 autocast on CUDA, float32 elsewhere")
     parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
     parser.add_argument('--prompt', help='text to answer (needs a checkpoint trained on prompt/answer pairs)')
     parser.add_argument('--prompt_file', help='a file of prompts to answer, one per line')
@@ -69,10 +191,17 @@ if __name__ == '__main__':
     parser.add_argument('--eval', action='store_true', help='print the quality report instead of samples')
     parser.add_argument('--data_dir', help="data for --eval (default: the checkpoint's training data)")
     args = parser.parse_args()
-    if args.steps < 1 or args.num_samples < 1:
-        parser.error("--steps and --num_samples must be at least 1")
-    if args.time_shift is not None and args.time_shift <= 0:
-        parser.error("--time_shift must be positive")
+    for key in ('steps', 'num_samples', 'batch_size'):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key} must be at least 1, not {getattr(args, key)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, not {args.seed}")
+    if args.time_shift is not None and not 0 < args.time_shift < math.inf:
+        parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        parser.error(f"--guidance must be finite, not {args.guidance}")
+    if args.png and (os.path.isdir(args.png) or not os.path.isdir(os.path.dirname(os.path.abspath(args.png)))):
+        parser.error(f"--png={args.png}: give a file path in a folder that exists")
 
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
@@ -89,9 +218,7 @@ if __name__ == '__main__':
                 sys.exit(f"error: cannot read --prompt_file {args.prompt_file}: {e}")
             if not prompts:
                 sys.exit(f"error: {args.prompt_file} holds no prompts")
-    device = args.device
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device = setup_device(args.device)
     checkpoint = load_checkpoint(ckpt_path, device)
     config, meta = checkpoint['config'], checkpoint['meta']
     if prompts and not meta.get('train_pairs'):
@@ -101,37 +228,50 @@ if __name__ == '__main__':
     model.load_state_dict(checkpoint['ema'])
     model.eval()
     enc = get_encoding(meta['encoding'])
-    time_shift = config.get('time_shift', 1.0) if args.time_shift is None else args.time_shift  # .get: older files
-    guidance = config.get('guidance', 1.0) if args.guidance is None else args.guidance
+    time_shift = config['time_shift'] if args.time_shift is None else args.time_shift
+    guidance = config['guidance'] if args.guidance is None else args.guidance
+    use_bf16 = args.dtype == 'bfloat16' or (args.dtype == 'auto' and device.startswith('cuda'))
+    autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
     if args.eval:
+        data_dir = args.data_dir or config['data_dir']
+        if load_meta(data_dir)['encoding'] != meta['encoding']:
+            sys.exit(f"error: {data_dir} holds {load_meta(data_dir)['encoding']} ids but {ckpt_path} was trained on "
+                     f"{meta['encoding']} ids; give --data_dir data in the same encoding")
         with autocast:
-            report = quality_report(model, enc, args.data_dir or config['data_dir'], config['color_base'],
-                                    config['P_mean'], config['P_std'], args.seed, args.steps, time_shift, guidance)
+            report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
+                                    args.seed, args.steps, time_shift, guidance)
         print_report(report, ckpt_path, args.seed, args.steps, time_shift)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
-    try:
-        with autocast:
-            images, ids, texts = generate(model, enc, args.num_samples, args.steps, args.seed, config['color_base'],
-                                          time_shift, prompt_ids, guidance)
-    except ValueError as e:  # a prompt too long for the condition image
-        sys.exit(f"error: {e}")
-    for i, (text, n_invalid) in enumerate(texts):
-        about = f"{args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
-        if prompts is None:
-            print(f"---------- sample {i} ({about})")
-        else:
-            print(f"---------- prompt {i}: {prompts[i]!r} (guidance {guidance:g}, {about})")
-        print(text)
-    print('----------')
+    n_samples = args.num_samples if prompts is None else len(prompts)
+    pictures, clock = [], time.time()
+    for first in range(0, n_samples, args.batch_size):  # one batch at a time: memory does not grow with n_samples
+        n = min(args.batch_size, n_samples - first)
+        try:
+            with autocast:
+                images, ids, texts = generate(model, enc, n, args.steps, args.seed, config['color_base'], time_shift,
+                                              None if prompts is None else prompt_ids[first:first + n], guidance,
+                                              first=first)
+        except ValueError as e:  # a prompt too long for the condition image
+            sys.exit(f"error: {e}")
+        for i, (text, n_invalid) in enumerate(texts, first):
+            about = f"{args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
+            if prompts is None:
+                print(f"---------- sample {i} ({about})")
+            else:
+                print(f"---------- prompt {i}: {prompts[i]!r} (guidance {guidance:g}, {about})")
+            print(text)
+        if args.png:
+            if prompts is not None:  # each prompt left of its answer
+                side = images.shape[-1]
+                prompt_pictures = prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token)
+                images = torch.cat([prompt_pictures, torch.ones(n, 3, side, 1), images.float().cpu()], dim=3)
+            pictures.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu())  # base 256: color = digits
+    seconds = time.time() - clock
+    print(f"---------- {n_samples} sample(s) in {seconds:.2f} s ({seconds / n_samples:.3f} s each, {device})")
     if args.png:
-        if prompts is not None:  # each prompt left of its answer
-            side = images.shape[-1]
-            prompt_pictures = prompt_images(prompt_ids, side, config['color_base'], enc.eot_token)
-            images = torch.cat([prompt_pictures, torch.ones(len(images), 3, side, 1), images.cpu()], dim=3)
-        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # base 256: color = digits
+        pixels = torch.cat(pictures)
         gap = torch.full((3, pixels.shape[2], 2), 255, dtype=torch.uint8)
         strip = torch.cat([torch.cat([img, gap], dim=2) for img in pixels], dim=2)[:, :, :-2]
         scale = max(1, 256 // pixels.shape[2])  # nearest-neighbour upscale so small images are visible

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import pixeldlm
+import prepare_data
+import sample
 from pixeldlm import (JiT, ddim_sample, diffusion_loss, generate, get_encoding, ids_to_image, ids_to_text,
                       image_to_ids, mask_after_eot)
 
@@ -54,7 +56,8 @@ def run(script, *args, check=True, cwd=REPO):
 
 
 def text_canvas(ids, eot_id, n_pixels):
-    return mask_after_eot(torch.tensor([ids + [eot_id] * (n_pixels - len(ids))]), eot_id)
+    ids, mask = mask_after_eot(np.array([ids + [eot_id] * (n_pixels - len(ids))]), eot_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask).float()
 
 
 # ----------------------------------------------------------------------------- codec
@@ -100,7 +103,7 @@ def test_real_text_round_trips_and_the_mask_covers_end_of_text_not_padding(enc):
 
 
 def test_mask_ends_each_text_at_its_first_end_of_text():
-    ids, mask = mask_after_eot(torch.tensor([[5, 6, 9, 7, 9, 8], [1, 2, 3, 4, 5, 6]]), eot_id=9)
+    ids, mask = mask_after_eot(np.array([[5, 6, 9, 7, 9, 8], [1, 2, 3, 4, 5, 6]]), eot_id=9)
     assert ids.tolist() == [[5, 6, 9, 9, 9, 9], [1, 2, 3, 4, 5, 6]]
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
 
@@ -433,7 +436,8 @@ def test_learning_rate_warms_up_then_stays_or_follows_the_cosine(monkeypatch):
 def test_configure_parses_types_and_presets(monkeypatch):
     for key in pixeldlm.config_keys:
         monkeypatch.setattr(pixeldlm, key, getattr(pixeldlm, key))  # restored after the test
-    pixeldlm.configure(['--preset=classroom', '--n_layer', '3', '--learning_rate=1', '--compile=True'])
+    pixeldlm.configure(['--preset=classroom', '--n_layer', '3', '--learning_rate=1', '--compile=True',
+                        '--color_base=7'])  # 0, the preset's, would look the base up in the data
     assert pixeldlm.img_size == 16 and pixeldlm.n_layer == 3  # from the preset, then overridden
     assert pixeldlm.learning_rate == 1.0 and isinstance(pixeldlm.learning_rate, float)
     assert pixeldlm.compile is True
@@ -510,10 +514,10 @@ def test_bad_input_files_are_clear_errors_and_keep_the_data_already_prepared(tmp
 def test_prepared_data_ends_every_document_with_end_of_text(tmp_path, enc):
     docs = tmp_path / 'docs.jsonl'
     docs.write_text('\n'.join(json.dumps({'text': f"Document number {i} says hello."}) for i in range(20)))
-    run('prepare_data.py', f'--input={docs}', f'--out_dir={tmp_path}')
-    meta = json.loads((tmp_path / 'meta.json').read_text())
-    train = np.fromfile(tmp_path / 'train.bin', dtype=np.uint32)
-    val = np.fromfile(tmp_path / 'val.bin', dtype=np.uint32)
+    run('prepare_data.py', f'--input={docs}', f'--out_dir={tmp_path}/d')
+    meta = json.loads((tmp_path / 'd/meta.json').read_text())
+    train = np.fromfile(tmp_path / 'd/train.bin', dtype=np.uint32)
+    val = np.fromfile(tmp_path / 'd/val.bin', dtype=np.uint32)
     assert meta['eot_id'] == enc.eot_token and meta['vocab_size'] == enc.n_vocab
     assert train[-1] == val[-1] == enc.eot_token
     texts = enc.decode(np.concatenate([train, val]).tolist()).split('<|endoftext|>')
@@ -528,13 +532,13 @@ def test_recovery_is_perfect_for_a_perfect_model_and_near_zero_for_noise(enc):
     ids, mask = torch.cat([c[0] for c in canvases]), torch.cat([c[1] for c in canvases])
     noise = torch.randn(2, 3, 8, 8)
     perfect = FixedPrediction(ids_to_image(ids, 256))
-    assert pixeldlm.recovery_accuracy(perfect, ids, mask, 0.5, noise, 256, enc.eot_token) == (1.0, 1.0)
+    assert sample.recovery_accuracy(perfect, ids, mask, 0.5, noise, 256, enc.eot_token) == (1.0, 1.0)
     wrong_padding = ids_to_image(ids, 256)
     wrong_padding.view(2, 3, -1)[0, :, 20:] = 0.5  # text 0 ends before pixel 20: only its padding is wrong
-    assert pixeldlm.recovery_accuracy(FixedPrediction(wrong_padding), ids, mask, 0.5, noise, 256,
+    assert sample.recovery_accuracy(FixedPrediction(wrong_padding), ids, mask, 0.5, noise, 256,
                                       enc.eot_token) == (1.0, 1.0)
     noisy = FixedPrediction(torch.rand(2, 3, 8, 8) * 2 - 1)
-    accuracy, eot_accuracy = pixeldlm.recovery_accuracy(noisy, ids, mask, 0.5, noise, 256, enc.eot_token)
+    accuracy, eot_accuracy = sample.recovery_accuracy(noisy, ids, mask, 0.5, noise, 256, enc.eot_token)
     assert accuracy < 0.05 and eot_accuracy == 0.0
 
 
@@ -542,32 +546,33 @@ def test_sample_statistics_span_floor_to_ceiling_and_count_invalid_colors(data_d
     train = pixeldlm.load_tokens(data_dir, 'train')
     rng = np.random.default_rng(0)
     real, _ = pixeldlm.get_batch(pixeldlm.load_tokens(data_dir, 'val'), rng, 16, 256, enc.eot_token)
-    as_good_as_real = pixeldlm.sample_statistics(real.tolist(), real.tolist(), train, enc, rng)
+    real = torch.from_numpy(real)
+    as_good_as_real = sample.sample_statistics(real.tolist(), real.tolist(), train, enc, rng)
     assert as_good_as_real['bigram_hits'] == as_good_as_real['bigram_ceiling'] > 0.5
     assert as_good_as_real['valid_ids'] == 1.0
     assert as_good_as_real['entropy'] == pytest.approx(as_good_as_real['entropy_real'])
     unigram = np.bincount(np.asarray(train, dtype=np.int64), minlength=enc.n_vocab).astype(float)
     unigram[enc.eot_token] = 0
     word_salad = rng.choice(enc.n_vocab, size=(16, 256), p=unigram / unigram.sum())
-    salad = pixeldlm.sample_statistics(word_salad.tolist(), real.tolist(), train, enc, rng)
+    salad = sample.sample_statistics(word_salad.tolist(), real.tolist(), train, enc, rng)
     assert abs(salad['bigram_hits'] - salad['bigram_floor']) < 0.05
     assert salad['bigram_ceiling'] - salad['bigram_floor'] > 0.3
     assert salad['ended'] == 0.0
     broken = real.clone()
     broken[:, :10] = 16_000_000  # colors that decode to no id at all
-    stats = pixeldlm.sample_statistics(broken.tolist(), real.tolist(), train, enc, rng)
+    stats = sample.sample_statistics(broken.tolist(), real.tolist(), train, enc, rng)
     n_text = sum(len(pixeldlm.text_part(row, enc.eot_token)) for row in broken.tolist())
     assert stats['valid_ids'] == pytest.approx(1 - 160 / n_text)
 
 
 def test_entropy_is_in_bits():
-    assert pixeldlm.entropy_bits([0, 1]) == 1.0 and pixeldlm.entropy_bits([5, 5, 5]) == 0.0
-    assert pixeldlm.entropy_bits([0, 1, 2, 3] * 3) == 2.0
+    assert sample.entropy_bits([0, 1]) == 1.0 and sample.entropy_bits([5, 5, 5]) == 0.0
+    assert sample.entropy_bits([0, 1, 2, 3] * 3) == 2.0
 
 
 def test_quality_report_is_seeded(data_dir, enc):
     model = tiny_model(randomize=True)
-    reports = [pixeldlm.quality_report(model, enc, data_dir, 256, -0.8, 0.8, seed, steps=3, n_windows=8,
+    reports = [sample.quality_report(model, enc, data_dir, 256, -0.8, 0.8, seed, steps=3, n_windows=8,
                                        n_samples=4) for seed in (1, 1, 2)]
     for r in reports:
         r.pop('seconds_per_sample')
@@ -590,8 +595,10 @@ def test_prepare_data_writes_pairs_and_text_side_by_side(tmp_path):
     run('prepare_data.py', f'--input={tmp_path}/mixed.jsonl', '--encoding=bytes', f'--out_dir={tmp_path}/d')
     meta = json.loads((tmp_path / 'd/meta.json').read_text())
     assert meta['documents'] == 30 and meta['train_pairs'] == 27 and meta['val_pairs'] == 3
-    assert pair_texts(tmp_path / 'd', 'train')[5] == ("question 5", "answer 5")
-    assert pair_texts(tmp_path / 'd', 'val') == [(f"question {i}", f"answer {i}") for i in (27, 28, 29)]
+    held = [4, 12, 25]  # pair k is held out when frac((k+1) * golden ratio) < 0.1: spread out, not the last ones
+    assert np.flatnonzero(prepare_data.held_out(0, 30, 0.1)).tolist() == held
+    assert pair_texts(tmp_path / 'd', 'val') == [(f"question {i}", f"answer {i}") for i in held]
+    assert pair_texts(tmp_path / 'd', 'train') == [(f"question {i}", f"answer {i}") for i in range(30) if i not in held]
     assert b'question' not in (tmp_path / 'd/train.bin').read_bytes()  # pairs are not text windows
 
 
@@ -600,7 +607,7 @@ def test_generated_tasks_are_correct_and_held_out_prompts_are_new(tmp_path):
         run('prepare_data.py', f'--task={task}', '--encoding=bytes', '--num_pairs=300',
             f'--out_dir={tmp_path}/{task}')
         train, val = pair_texts(tmp_path / task, 'train'), pair_texts(tmp_path / task, 'val')
-        assert len(train) == 270 and len(val) == 30
+        assert len(train) + len(val) == 300 and len(val) == prepare_data.held_out(0, 300, 0.1).sum() == 29
         assert not {p for p, _ in val} & {p for p, _ in train}
         for prompt, answer in train + val:
             words = prompt.split()
@@ -613,10 +620,11 @@ def test_condition_dropout_drops_prompts_at_the_given_rate(copy_dir):
     for cond_drop in (0.0, 0.1, 0.5, 1.0):
         kept = []
         for seed in range(400):
-            prompts, ids, mask = pixeldlm.get_pair_batch(pairs, np.random.default_rng(seed), 32, 8, 256, cond_drop)
-            assert ids.shape == (32, 64) and mask.shape == (32, 64)
-            for prompt, row in zip(prompts, ids.tolist()):  # a copy task: each kept prompt is its own answer
-                assert prompt == pixeldlm.text_part(row, 256)
+            prompts, ids, mask = pixeldlm.get_pair_batch(pairs, np.random.default_rng(seed), 32, 64, 256, cond_drop)
+            assert ids.shape == (32, 64) and mask.shape == (32, 64) and prompts.shape[1:] == (64,)
+            for prompt, row in zip(prompts.tolist(), ids.tolist()):  # a copy task: each kept prompt is its own answer
+                text = pixeldlm.text_part(row, 256)
+                assert prompt == text + [256] * (64 - len(text))  # then its end-of-text and padding
             kept.append(len(prompts))
         assert 1 - np.mean(kept) / 32 == pytest.approx(cond_drop, abs=0.006)
         assert len(set(kept)) <= 2  # two batch shapes at most, friendly to torch.compile
@@ -628,10 +636,10 @@ def test_guidance_one_is_the_conditional_prediction_and_zero_the_unconditional_o
     conditional, unconditional = model(z, t, cond), model(z, t)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    assert torch.allclose(pixeldlm.guided(model, z, t, cond, 1.0), conditional, atol=1e-6)
-    assert torch.allclose(pixeldlm.guided(model, z, t, cond, 0.0), unconditional, atol=1e-5)
+    assert torch.allclose(pixeldlm.predict(model, z, t, cond, 1.0), conditional, atol=1e-6)
+    assert torch.allclose(pixeldlm.predict(model, z, t, cond, 0.0), unconditional, atol=1e-5)
     calls.clear()
-    guided = pixeldlm.guided(model, z, t, cond, 3.0)
+    guided = pixeldlm.predict(model, z, t, cond, 3.0)
     assert torch.allclose(guided, unconditional + 3 * (conditional - unconditional), atol=1e-5)
     assert len(calls) == 1  # both halves in one batched call
 
@@ -640,24 +648,19 @@ def test_prompt_pixels_are_the_same_in_training_and_sampling(copy_dir, tmp_path)
     probe = tmp_path / 'probe.py'
     probe.write_text("""
 import sys, torch, pixeldlm
-built, seen = [], []
-make_images, forward = pixeldlm.prompt_images, pixeldlm.JiT.forward
-def spy_images(*args):
-    built.append((args[0], make_images(*args)))
-    return built[-1][1]
+seen, forward = [], pixeldlm.JiT.forward
 def spy_forward(self, z, t, cond=None, logits=False):
     seen.append(cond)
     return forward(self, z, t, cond, logits)
-pixeldlm.prompt_images, pixeldlm.JiT.forward = spy_images, spy_forward
+pixeldlm.JiT.forward = spy_forward
 pixeldlm.configure(sys.argv[1:])
 model = pixeldlm.train()
-prompts, images = built[0]
-assert torch.equal(seen[0], images)  # the training step saw exactly the pixels prompt_images built
+trained = seen[0][:1]  # the first prompt image of the first training step
 enc = pixeldlm.get_encoding('bytes')
-text = enc.decode(prompts[0])  # what a user would type, encoded the way sample.py encodes it
-built.clear(); seen.clear()
+text = enc.decode(pixeldlm.text_part(pixeldlm.image_to_ids(trained, 7)[0].tolist(), enc.eot_token))
+seen.clear()  # now the same prompt as a user types it, encoded the way sample.py encodes it
 pixeldlm.generate(model.eval(), enc, 1, 2, 0, pixeldlm.color_base, prompts=[enc.encode_ordinary(text)])
-assert torch.equal(seen[0], images[:1]) and built[0][0] == prompts[:1]
+assert torch.equal(seen[0], trained)  # every pixel, the padding too
 print('same pixels for', repr(text))
 """)
     proc = run(str(probe), *TINY, f'--data_dir={copy_dir}', f'--out_dir={tmp_path}/o', '--max_iters=1',
@@ -716,8 +719,8 @@ def test_text_and_pairs_train_together_and_an_over_long_pair_is_a_clear_error(tm
     run('prepare_data.py', f'--input={tmp_path}/mixed.jsonl', '--encoding=bytes', f'--out_dir={tmp_path}/d')
     proc = run('pixeldlm.py', *TINY, f'--data_dir={tmp_path}/d', f'--out_dir={tmp_path}/o', '--max_iters=2')
     assert '2 per micro-batch' in proc.out and 'text windows fill the rest' in proc.out
-    (tmp_path / 'long.jsonl').write_text(json.dumps({'prompt': 'p' * 70, 'answer': 'a'}) + '\n' +
-                                         json.dumps({'prompt': 'p', 'answer': 'a'}))
+    (tmp_path / 'long.jsonl').write_text('\n'.join(json.dumps({'prompt': 'p' * n, 'answer': 'a'}) for n in
+                                                    (70, 1, 2, 3, 4, 5, 6, 7, 8, 9)))
     run('prepare_data.py', f'--input={tmp_path}/long.jsonl', '--encoding=bytes', f'--out_dir={tmp_path}/long')
     proc = run('pixeldlm.py', *TINY, f'--data_dir={tmp_path}/long', f'--out_dir={tmp_path}/o2', check=False)
     assert proc.returncode != 0 and 'of 70 tokens' in proc.out and '--img_size' in proc.out
@@ -736,14 +739,14 @@ def test_answer_accuracy_is_perfect_for_a_copier_and_zero_for_a_model_that_ignor
                 out[:len(cond)] = cond
             return out
     pairs = pixeldlm.load_pairs(copy_dir, 'val', enc.eot_token)
-    exact, per_token, _ = pixeldlm.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=1.0)
+    exact, per_token, _ = sample.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=1.0)
     assert exact == per_token == 1.0
-    exact, per_token, _ = pixeldlm.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=0.0)
+    exact, per_token, _ = sample.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=0.0)
     assert exact == 0.0 and per_token < 0.05
 
     class NeverStops(Copier):  # copies the prompt but writes 'x' where the end-of-text belongs
         def forward(self, z, t, cond=None, logits=False):
             ids = image_to_ids(super().forward(z, t, cond), 7)
             return ids_to_image(ids.masked_fill(ids == enc.eot_token, ord('x')), 7)
-    exact, per_token, _ = pixeldlm.answer_accuracy(NeverStops(), enc, pairs, 7, 3, 1.0, guidance=1.0)
+    exact, per_token, _ = sample.answer_accuracy(NeverStops(), enc, pairs, 7, 3, 1.0, guidance=1.0)
     assert exact == 0.0 and 0.8 < per_token < 1.0  # every word right, but the answer never ends
