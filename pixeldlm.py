@@ -898,6 +898,9 @@ def train():
     accum_steps = gradient_accumulation_steps // world_size
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     lock = lock_out_dir() if master else None  # held until this process ends
+    for name in os.listdir(out_dir) if master else []:  # what a process killed in the middle of a save left
+        if name.startswith('ckpt.pt.tmp'):
+            os.remove(os.path.join(out_dir, name))
     if init_from == 'scratch' and os.path.exists(ckpt_path):
         sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
                  f"or pick another --out_dir")
@@ -979,9 +982,9 @@ def train():
             dist.all_reduce(shared)
         lossf, grad_normf, stop = (shared / world_size).tolist()
         if not (math.isfinite(lossf) and math.isfinite(grad_normf)):  # the step is not taken, nothing is saved
-            finish(f"error: iteration {iter_num}: loss {lossf}, gradient norm {grad_normf}; the step was not taken "
-                   f"and {ckpt_path} {'is as it was' if os.path.exists(ckpt_path) else 'was never written'}. Try a "
-                   f"lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, then --init_from=resume", 1)
+            finish(f"error: iteration {iter_num}: loss {lossf}, gradient norm {grad_normf}: the step was not taken "
+                   f"and nothing was saved. Try a lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, "
+                   f"then --init_from=resume", 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # a young EMA would mostly remember the random init, so its decay ramps up
@@ -1002,8 +1005,8 @@ def train():
         if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
             losses = None if stop else estimate_loss(ema, data, dev, autocast, rank, world_size, progress)
             if losses and not all(map(math.isfinite, losses.values())):
-                finish(f"error: iteration {iter_num}: the EMA weights give losses {losses}; not saved, {ckpt_path} is "
-                       f"as it was. Try a lower --learning_rate (now {learning_rate:g}) or --grad_clip=1", 1)
+                finish(f"error: iteration {iter_num}: the EMA weights give losses {losses}: nothing was saved. Try a "
+                       f"lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, then --init_from=resume", 1)
             problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
                                        'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': data['meta'],
                                        'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else None

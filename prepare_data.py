@@ -266,6 +266,9 @@ def prepare(files, documents, pairs, args, enc, folder):
                   f"{rate:.1f} MB/s, ETA {eta:.0f} s", end='\r' if show else '\n', file=sys.stderr, flush=True)
     text.close()
     pair.close()
+    seconds = time.time() - clock
+    print(f"{total_bytes / 1e6:,.1f} MB of input in {seconds:.1f} s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s, "
+          f"{args.num_proc} tokenizer processes){' ' * 20}")
     if text.records['train'] + text.records['val'] and (not text.counts['train'] or text.counts['val'] < 2):
         sys.exit(f"error: {n_documents} document(s) are too few to hold out {args.val_fraction:.0%} of them as "
                  f"val; give more text")
@@ -283,8 +286,7 @@ def prepare(files, documents, pairs, args, enc, folder):
     return {'encoding': args.encoding, 'vocab_size': enc.n_vocab, 'eot_id': enc.eot_token,
             'train_tokens': text.counts['train'], 'val_tokens': text.counts['val'], 'documents': n_documents,
             'train_pairs': pair.records['train'], 'val_pairs': pair.records['val'],
-            'files': {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))},
-            'seconds': round(time.time() - clock, 1)}
+            'files': {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}}
 
 
 def replace_folder(new, out_dir, meta):
@@ -376,4 +378,4 @@ if __name__ == '__main__':
             shutil.rmtree(new)
     print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val text tokens, {meta['train_pairs']:,} "
           f"train and {meta['val_pairs']:,} val prompt/answer pairs ({args.encoding}, {enc.n_vocab:,} ids) "
-          f"in {out_dir}/ ({meta['seconds']} s)")
+          f"in {out_dir}/")

@@ -4,8 +4,13 @@ Tests that read as the specification of PixelDLM. Run: python -m pytest -q test_
 import json
 import math
 import os
+import re
+import resource
+import signal
+import socket
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -391,6 +396,10 @@ def test_training_logs_saves_and_sample_py_prints_text_and_writes_png(data_dir, 
     assert height == 256 and width == (8 + 2 + 8) * 32  # two 8x8 images at 32x, a 2-pixel gap between
 
 
+def logged_losses(out):
+    return [float(m) for m in re.findall(r'iter \d+/\d+ \(\d+%\): loss ([0-9.]+)', out)]
+
+
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(data_dir, tmp_path):
     probe = tmp_path / 'probe.py'
     probe.write_text("import os, sys, torch, pixeldlm\n"
@@ -398,15 +407,18 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(data
                      "model = pixeldlm.train()\n"
                      "rank = os.environ.get('RANK', 0)\n"
                      "torch.save(model.state_dict(), os.path.join(pixeldlm.out_dir, f'rank{rank}.pt'))\n")
-    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=3', '--gradient_accumulation_steps=2', '--dtype=float32']
-    run(f'-m torch.distributed.run --standalone --nproc_per_node=2 {probe}', *args, f'--out_dir={tmp_path}/ddp')
-    run(str(probe), *args, f'--out_dir={tmp_path}/single')
+    # 4 micro-steps: 2 per process, so the first of each runs under no_sync (no all-reduce) and the second syncs
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=3', '--gradient_accumulation_steps=4', '--dtype=float32']
+    ddp = run(f'-m torch.distributed.run --standalone --nproc_per_node=2 {probe}', *args, f'--out_dir={tmp_path}/ddp')
+    single = run(str(probe), *args, f'--out_dir={tmp_path}/single')
     rank0, rank1 = load(tmp_path / 'ddp/rank0.pt'), load(tmp_path / 'ddp/rank1.pt')
-    single = load(tmp_path / 'single/rank0.pt')
+    alone = load(tmp_path / 'single/rank0.pt')
     assert_same_tensors(rank0, rank1)  # the ranks never drift apart
-    assert_same_tensors(rank0, single, exact=False)  # and they did what one process does
+    assert_same_tensors(rank0, alone, exact=False)  # and they did what one process does
     initial = tiny_model().state_dict()
-    assert not torch.allclose(single['blocks.0.adaLN.weight'], initial['blocks.0.adaLN.weight'])
+    assert not torch.allclose(alone['blocks.0.adaLN.weight'], initial['blocks.0.adaLN.weight'])
+    assert len(logged_losses(ddp.out)) == 3  # the logged loss is the mean over ranks, not rank 0's share
+    assert logged_losses(ddp.out) == pytest.approx(logged_losses(single.out), abs=2e-4)
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
@@ -750,3 +762,448 @@ def test_answer_accuracy_is_perfect_for_a_copier_and_zero_for_a_model_that_ignor
             return ids_to_image(ids.masked_fill(ids == enc.eot_token, ord('x')), 7)
     exact, per_token, _ = sample.answer_accuracy(NeverStops(), enc, pairs, 7, 3, 1.0, guidance=1.0)
     assert exact == 0.0 and 0.8 < per_token < 1.0  # every word right, but the answer never ends
+
+
+# ----------------------------------------------------------------------------- the real run
+
+def start(script, *args, env=None):
+    """Start a project script in the background; read its output (stdout and stderr) line by line."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, **(env or {}))
+    return subprocess.Popen([sys.executable, *script.split(), *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def read_until(proc, pattern):
+    """The output of a running process up to the first line that matches pattern."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return ''.join(lines)
+    raise AssertionError(f"the process ended without printing {pattern!r}:\n{''.join(lines)}")
+
+
+def worker_of(agent_pid, rank):
+    """The pid of the torchrun worker with this RANK, a child of the torchrun process agent_pid (Linux /proc)."""
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            parent = int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1])
+            environ = open(f'/proc/{entry}/environ', 'rb').read().split(b'\0')
+        except OSError:
+            continue
+        if parent == agent_pid and f'RANK={rank}'.encode() in environ:
+            return int(entry)
+    raise AssertionError(f"no worker with RANK={rank} under process {agent_pid}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):  # a tiny trained run to sample from and to break
+    out = tmp_path_factory.mktemp('trained') / 'out'
+    run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2')
+    return out
+
+
+def test_a_gpu_is_named_by_its_index_alone_and_under_torchrun(monkeypatch):
+    reached = []
+
+    def set_device(dev):  # torch.cuda.set_device parses its argument like this first; a bare 'cuda' raises
+        reached.append(torch.cuda._utils._get_device_index(dev))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', set_device)
+    for name, local_rank, ddp, expected in [('auto', 0, False, 0), ('cuda', 0, False, 0), ('cuda:1', 0, False, 1),
+                                            ('auto', 1, True, 1), ('cuda', 1, True, 1), ('cuda', 0, True, 0)]:
+        reached.clear()
+        dev = pixeldlm.setup_device(name, local_rank, ddp)
+        assert dev == f'cuda:{expected}' and reached == [expected]
+        assert torch.device(dev).index == expected  # what .to(dev) and DDP's device_ids get
+    with pytest.raises(SystemExit, match='LOCAL_RANK'):  # two processes on one GPU would be a silent mistake
+        pixeldlm.setup_device('cuda:1', 0, ddp=True)
+    with pytest.raises(SystemExit, match='has 2 GPU'):
+        pixeldlm.setup_device('cuda:2')
+    assert sample.setup_device is pixeldlm.setup_device  # sample.py sets up its device the same way
+    reached.clear()
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert pixeldlm.setup_device('auto') in ('cpu', 'mps') and reached == []
+    with pytest.raises(SystemExit, match='sees no CUDA GPU'):
+        pixeldlm.setup_device('cuda')
+
+
+def test_prepare_data_reads_folders_and_gz_the_same_for_any_num_proc(tmp_path, enc):
+    import gzip
+    corpus = tmp_path / 'corpus'
+    (corpus / 'more').mkdir(parents=True)
+    docs = [f"Document {i} is about {'lists' if i % 2 else 'tuples'}." + " More words here." * (i % 5)
+            for i in range(90)]
+    (corpus / 'a.jsonl').write_text('\n'.join(json.dumps({'text': d}) for d in docs[:30]))
+    with gzip.open(corpus / 'more/b.jsonl.gz', 'wt') as f:
+        f.write('\n'.join(json.dumps({'text': d}) for d in docs[30:60]))
+    (corpus / 'c.txt').write_text('\n'.join(docs[60:75]))  # one document, read in pieces
+    with gzip.open(corpus / 'more/d.txt.gz', 'wt') as f:
+        f.write('\n'.join(docs[75:]))
+    (corpus / 'notes.md').write_text("not a corpus file")
+    folders = {}
+    for num_proc in (1, 3):
+        run('prepare_data.py', f'--input={corpus}', f'--num_proc={num_proc}', f'--out_dir={tmp_path}/d{num_proc}')
+        folders[num_proc] = {p.name: p.read_bytes() for p in (tmp_path / f'd{num_proc}').iterdir()}
+    assert folders[1] == folders[3]  # the same files, byte for byte, however many processes tokenize
+    meta = json.loads(folders[1]['meta.json'])
+    assert meta['documents'] == 62 and meta['files'] == {'train.bin': len(folders[1]['train.bin']),
+                                                         'val.bin': len(folders[1]['val.bin'])}
+    train, val = (enc.decode(np.frombuffer(folders[1][name], dtype=np.uint32).tolist()) for name in ('train.bin',
+                                                                                                      'val.bin'))
+    assert 'not a corpus file' not in train + val
+    held = np.flatnonzero(prepare_data.held_out(0, 30, 0.1))  # a.jsonl comes first: its documents are records 0-29
+    assert val.split('<|endoftext|>')[:len(held)] == [docs[i] for i in held]
+    assert train.split('<|endoftext|>')[:2] == docs[:2] and 0 not in held
+    for doc in docs[:60]:  # every .jsonl document lands whole in one split
+        assert (f'{doc}<|endoftext|>' in train) != (f'{doc}<|endoftext|>' in val)
+
+
+def test_a_txt_file_is_one_document_read_in_pieces_that_go_to_train_or_val(tmp_path):
+    text = ''.join(f"Line {i}: {'some words ' * (i % 9)}\n{'   indented' if i % 4 == 0 else ''}\n"
+                   for i in range(300))
+    (tmp_path / 'book.txt').write_text(text)
+    raw = text.encode()
+    pieces = [block for block, _, _ in prepare_data.read_file(str(tmp_path / 'book.txt'), max(64, len(raw) // 64),
+                                                               whole_lines=False)]
+    assert b''.join(pieces) == raw and 40 <= len(pieces) <= 64
+    for piece, following in zip(pieces, pieces[1:]):  # a cut falls after a line end, before a non-space
+        assert piece.endswith(b'\n') and not following[:1].isspace()
+    held = prepare_data.held_out(0, len(pieces), 0.1)
+    run('prepare_data.py', f'--input={tmp_path}/book.txt', '--encoding=bytes', f'--out_dir={tmp_path}/d')
+    train = np.fromfile(tmp_path / 'd/train.bin', dtype=np.uint32)
+    val = np.fromfile(tmp_path / 'd/val.bin', dtype=np.uint32)
+    assert train[-1] == val[-1] == 256 and (train == 256).sum() == (val == 256).sum() == 1  # one document
+    assert bytes(train[:-1].astype(np.uint8)) == b''.join(p for p, h in zip(pieces, held) if not h)
+    assert bytes(val[:-1].astype(np.uint8)) == b''.join(p for p, h in zip(pieces, held) if h)
+
+
+def test_batches_are_pure_functions_of_seed_and_key_and_prefetch_keeps_them(copy_dir, monkeypatch):
+    for key, value in dict(data_dir=copy_dir, img_size=8, batch_size=6, color_base=7, cond_drop=0.5, seed=3).items():
+        monkeypatch.setattr(pixeldlm, key, value)
+    data = pixeldlm.load_data()
+    keys = [(0, it, micro) for it in range(3) for micro in range(2)]
+    direct = [pixeldlm.make_batch(data, 'train', key) for key in keys]
+    fetched = list(pixeldlm.prefetch(lambda key: pixeldlm.make_batch(data, 'train', key), keys))
+    assert len(fetched) == len(keys) and all(waited >= 0 for _, waited in fetched)
+    for a, (b, _) in zip(direct, fetched):
+        assert a.keys() == b.keys()
+        for name in a:
+            same = torch.equal(a[name], b[name]) if isinstance(a[name], torch.Tensor) else a[name] == b[name]
+            assert same, name
+    assert not torch.equal(direct[0]['ids'], direct[1]['ids'])
+    assert direct[0]['ids'].dtype == torch.int32 and direct[0]['ids'].shape == (6, 64)
+    assert direct[0]['n_tokens'] == int(direct[0]['mask'].sum()) and direct[0]['n_prompts'] <= 6
+
+
+def test_two_nodes_train_exactly_what_one_process_trains(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=3', '--gradient_accumulation_steps=4', '--dtype=float32']
+    env = dict(NNODES='2', NPROC='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+    nodes = [subprocess.Popen(['bash', 'train_8gpu.sh', *args, f'--out_dir={tmp_path}/nodes'], cwd=REPO, text=True,
+                              env=dict(os.environ, **env, NODE_RANK=str(r), OMP_NUM_THREADS='1'),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert 'x 2 process(es)' in outputs[0] and 'global batch 16 = 4 x 4 micro-steps' in outputs[0]
+    single = run('pixeldlm.py', *args, f'--out_dir={tmp_path}/single')
+    assert logged_losses(outputs[0]) == pytest.approx(logged_losses(single.out), abs=2e-4)
+    assert_same_tensors(load(tmp_path / 'nodes/ckpt.pt')['model'], load(tmp_path / 'single/ckpt.pt')['model'],
+                        exact=False)
+
+
+def test_the_last_step_is_chosen_by_its_index_for_any_time_shift():
+    class TwoMinded(torch.nn.Module):  # half-sure between digits 0 and 6: the mean color would be digit 3
+        digit_classes = 7
+
+        def forward(self, z, t, cond=None, logits=False):
+            scores = torch.full((len(z), 7, 3, 2, 2), -9.0)
+            scores[:, 0], scores[:, 6] = 0.0, 0.2
+            return scores if logits else (scores.softmax(dim=1) * torch.linspace(-1, 1, 7).view(1, 7, 1, 1, 1)).sum(1)
+    x = torch.rand(1, 3, 2, 2) * 2 - 1
+    for shift in (1.0, 3.0, 8.0, 8.669, 0.37, 12.345):  # 8.669's grid ends at 0.99999988 in float32
+        assert torch.equal(ddim_sample(TwoMinded(), torch.randn(1, 3, 2, 2), steps=20, time_shift=shift),
+                           torch.ones(1, 3, 2, 2))
+        pixels = FixedPrediction(x)
+        assert torch.equal(ddim_sample(pixels, torch.randn(1, 3, 2, 2), steps=7, time_shift=shift), x)
+        assert len(pixels.calls) == 7
+
+
+def test_bf16_trains_and_samples_on_a_cpu(data_dir, tmp_path, enc):
+    out = tmp_path / 'out'
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=3',
+               '--dtype=bfloat16', '--objective=digits', '--color_base=0')
+    assert 'bf16 autocast' in proc.out and len(logged_losses(proc.out)) == 3
+    proc = run('sample.py', f'--out_dir={out}', '--num_samples=2', '--steps=3', '--dtype=bfloat16')
+    assert proc.out.count('---------- sample') == 2
+    model = JiT(img_size=8, patch_size=2, n_layer=2, n_head=2, n_embd=32, digit_classes=47)
+    model.load_state_dict(load(out / 'ckpt.pt')['ema'])
+    ids, mask = text_canvas(enc.encode_ordinary("Lists are mutable."), enc.eot_token, 64)
+    x, mask, t, noise = ids_to_image(ids, 47), mask.view(1, 1, 8, 8), torch.tensor([0.6]), torch.randn(1, 3, 8, 8)
+    fp32 = diffusion_loss(model, x, mask, t, noise, 47)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = diffusion_loss(model, x, mask, t, noise, 47)
+        assert model(x, t).dtype == torch.float32  # the output layer runs in fp32
+        sampled = ddim_sample(model, noise, steps=3)
+    assert bf16.dtype == torch.float32 and bf16.item() == pytest.approx(fp32.item(), rel=0.02)
+    assert torch.equal(ids_to_image(image_to_ids(sampled, 47), 47), sampled)  # every pixel an exact digit color
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silent
+
+def test_a_nan_stops_every_process_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2')
+    before = (out / 'ckpt.pt').read_bytes()
+    torchrun = '-m torch.distributed.run --standalone --nproc_per_node=2 pixeldlm.py'
+    for launcher, evaluate, caught_by in [('pixeldlm.py', 2000, 'the step was not taken'),
+                                          ('pixeldlm.py', 1, 'the EMA weights give losses'),  # after every step
+                                          (torchrun, 2000, 'the step was not taken')]:
+        proc = run(launcher, f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--learning_rate=1e30',
+                   f'--eval_interval={evaluate}', check=False)
+        assert proc.returncode != 0 and proc.out.count('nothing was saved') == 1 and caught_by in proc.out, proc.out
+        assert re.search(r'error: iteration \d+: ', proc.out) and '--learning_rate' in proc.out
+        assert launcher == torchrun or 'Traceback' not in proc.out  # torchrun prints its own report of the exit
+        assert (out / 'ckpt.pt').read_bytes() == before
+    run('sample.py', f'--out_dir={out}', '--steps=2')
+
+
+def test_sigterm_saves_and_resume_continues_bit_for_bit(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100000']
+    proc = start('pixeldlm.py', *args, f'--out_dir={tmp_path}/stopped', '--max_iters=100000')
+    read_until(proc, r'^iter 5/')
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and 'stopped on SIGTERM; saved' in out and '--init_from=resume' in out, out
+    stopped_at = load(tmp_path / 'stopped/ckpt.pt')['iter_num']
+    assert stopped_at >= 5
+    run('pixeldlm.py', f'--out_dir={tmp_path}/stopped', '--init_from=resume', f'--max_iters={stopped_at + 3}')
+    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/straight', f'--max_iters={stopped_at + 3}')
+    resumed, straight = load(tmp_path / 'stopped/ckpt.pt'), load(tmp_path / 'straight/ckpt.pt')
+    for part in ('model', 'ema'):
+        assert_same_tensors(resumed[part], straight[part])
+    for a, b in zip(resumed['optimizer']['state'].values(), straight['optimizer']['state'].values()):
+        assert_same_tensors(a, b)
+
+
+def test_sigusr1_to_one_process_under_torchrun_stops_them_all_after_one_save(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100000', '--gradient_accumulation_steps=2']
+    torchrun = '-m torch.distributed.run --standalone --nproc_per_node=2 pixeldlm.py'
+    proc = start(torchrun, *args, f'--out_dir={tmp_path}/stopped', '--max_iters=100000')
+    read_until(proc, r'^iter 5/')
+    os.kill(worker_of(proc.pid, rank=1), signal.SIGUSR1)  # as SLURM's --signal=USR1 reaches the tasks
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and out.count('stopped on a signal to another process; saved') == 1, out
+    stopped_at = load(tmp_path / 'stopped/ckpt.pt')['iter_num']
+    run(torchrun, f'--out_dir={tmp_path}/stopped', '--init_from=resume', f'--max_iters={stopped_at + 2}')
+    run(torchrun, *args, f'--out_dir={tmp_path}/straight', f'--max_iters={stopped_at + 2}')
+    resumed, straight = load(tmp_path / 'stopped/ckpt.pt'), load(tmp_path / 'straight/ckpt.pt')
+    assert resumed['iter_num'] == straight['iter_num'] == stopped_at + 2
+    assert_same_tensors(resumed['model'], straight['model'])
+    assert_same_tensors(resumed['ema'], straight['ema'])
+
+
+def test_a_frozen_process_stops_the_others_with_its_rank_named(data_dir, tmp_path):
+    proc = start('-m torch.distributed.run --standalone --nproc_per_node=2 pixeldlm.py', *TINY,
+                 f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=100000',
+                 '--gradient_accumulation_steps=2', '--collective_timeout=3')
+    read_until(proc, r'^iter 3/')
+    frozen = worker_of(proc.pid, rank=1)
+    os.kill(frozen, signal.SIGSTOP)
+    clock = time.time()
+    try:
+        rank0 = worker_of(proc.pid, rank=0)
+        while os.path.exists(f'/proc/{rank0}') and time.time() - clock < 60:
+            time.sleep(0.2)
+        assert time.time() - clock < 60  # not forever
+    finally:
+        os.kill(frozen, signal.SIGKILL)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    assert re.search(r'rank 0: no progress for 3 s at iteration \d+; rank 1 stopped', out), out
+
+
+def test_a_failed_prepare_leaves_the_folder_as_it_was_and_a_mixed_folder_is_refused(data_dir, tmp_path):
+    folder = tmp_path / 'data'
+    run('prepare_data.py', f'--out_dir={folder}')  # cl100k_base
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def small_disk():  # every file this process writes is cut off at 1 MB, as a full disk would cut it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    proc = subprocess.run([sys.executable, 'prepare_data.py', '--encoding=bytes', f'--out_dir={folder}'], cwd=REPO,
+                          capture_output=True, text=True, preexec_fn=small_disk)
+    assert proc.returncode != 0 and 'is as it was' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ['data']  # no half-written folder left beside it
+    proc = run('prepare_data.py', '--encoding=bytes', f'--out_dir={folder}')
+    assert f'note: {folder} held cl100k_base ids; they are replaced by bytes ids' in proc.out
+    for damage in ('truncate', 'stray'):
+        if damage == 'truncate':
+            with open(folder / 'val.bin', 'r+b') as f:
+                f.truncate(100)
+        else:
+            run('prepare_data.py', '--encoding=bytes', f'--out_dir={folder}')
+            (folder / 'train_pairs.bin').write_bytes(b'\0' * 8)  # a pairs file meta.json does not list
+        proc = run('pixeldlm.py', *TINY, f'--data_dir={folder}', f'--out_dir={tmp_path}/o-{damage}', check=False)
+        assert proc.returncode != 0 and 'did not finish this folder' in proc.out and 'Traceback' not in proc.out
+
+
+def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--eval_interval=2']
+    first = start('pixeldlm.py', *args, '--max_iters=100000')
+    read_until(first, r'^iter 2: .*saved')
+    for init_from in ('scratch', 'resume'):
+        second = run('pixeldlm.py', *args, f'--init_from={init_from}', '--max_iters=2', check=False)
+        assert second.returncode != 0 and 'another trainer is using' in second.out, second.out
+    first.kill()  # perhaps in the middle of a save
+    first.communicate()
+    saved_at = load(tmp_path / 'out/ckpt.pt')['iter_num']
+    run('pixeldlm.py', f'--out_dir={tmp_path}/out', '--init_from=resume', f'--max_iters={saved_at + 1}')
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['ckpt.pt', 'lock']  # no temporary files
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--gradient_accumulation_steps=0'], '--gradient_accumulation_steps=0 is out of range: it must be at least 1'),
+    (['--eval_iters=0'], '--eval_iters=0 is out of range'),
+    (['--max_iters=0'], '--max_iters=0 is out of range'),
+    (['--batch_size=0'], '--batch_size=0 is out of range'),
+    (['--batch_size=-1'], '--batch_size=-1 is out of range'),
+    (['--n_head=0'], '--n_head=0 is out of range'),
+    (['--eval_interval=0'], '--eval_interval=0 is out of range'),
+    (['--log_interval=0'], '--log_interval=0 is out of range'),
+    (['--learning_rate=1e999'], '--learning_rate=inf is out of range: it must be a finite number >= 0'),
+    (['--time_shift=1e999'], '--time_shift=inf is out of range'),
+    (['--time_shift=nan'], '--time_shift=nan is out of range'),
+    (['--guidance=inf'], '--guidance=inf is out of range: it must be finite'),
+    (['--beta2=1'], '--beta2=1.0 is out of range'),
+    (['--img_size=7', '--patch_size=2'], '--img_size=7 is out of range: it must be a multiple of --patch_size=2'),
+    (['--n_embd=30', '--n_head=4'], '--n_embd=30 is out of range'),
+    (['--objective=x'], "--objective='x' is out of range"),
+    (['--device=banana'], "--device='banana' is not a device"),
+    (['--device=cuda'], 'no CUDA GPU'),
+    (['--device=mps'], 'no MPS device'),
+    (['--init_from=nowhere.pt'], "'nowhere.pt' is none of these"),
+])
+def test_bad_values_are_one_line_errors_before_anything_starts(data_dir, tmp_path, args, message):
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', *args, check=False)
+    assert proc.returncode != 0 and message in proc.out and 'Traceback' not in proc.out, proc.out
+    assert len(proc.out.strip().splitlines()) == 1 and not (tmp_path / 'out/ckpt.pt').exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--guidance=nan'], '--guidance must be finite'),
+    (['--time_shift=inf'], '--time_shift must be a finite number > 0'),
+    (['--time_shift=0'], '--time_shift must be a finite number > 0'),
+    (['--batch_size=0'], '--batch_size must be at least 1'),
+    (['--num_samples=0'], '--num_samples must be at least 1'),
+    (['--device=banana'], 'is not a device'),
+    (['--device=cuda'], 'no CUDA GPU'),
+    (['--device=mps'], 'no MPS device'),
+    (['--png=/nowhere/at/all.png'], 'a folder that exists'),
+    (['--png=.'], 'a folder that exists'),
+])
+def test_bad_sample_options_are_one_line_errors_before_sampling(trained, args, message):
+    proc = run('sample.py', f'--out_dir={trained}', *args, check=False)
+    assert proc.returncode != 0 and message in proc.out and 'Traceback' not in proc.out, proc.out
+    assert '---------- sample' not in proc.out
+
+
+def test_broken_checkpoints_are_one_line_errors(trained, data_dir, tmp_path):
+    good = (trained / 'ckpt.pt').read_bytes()
+    cases = {'truncated': good[:len(good) // 2], 'text': b'hello, not a checkpoint\n', 'empty': b''}
+    for name, content in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'ckpt.pt').write_bytes(content)
+        for proc in (run('sample.py', f'--out_dir={tmp_path / name}', check=False),
+                     run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / name}',
+                         '--init_from=resume', '--max_iters=3', check=False)):
+            assert proc.returncode != 0 and 'Traceback' not in proc.out, proc.out
+            assert 'it is truncated or not a PyTorch checkpoint' in proc.out
+    checkpoint = load(trained / 'ckpt.pt')
+    checkpoint['ema']['final.weight'][0, 0] = float('nan')  # what a diverged run would have saved
+    (tmp_path / 'nan').mkdir()
+    torch.save(checkpoint, tmp_path / 'nan/ckpt.pt')
+    proc = run('sample.py', f'--out_dir={tmp_path}/nan', check=False)
+    assert proc.returncode != 0 and 'holds non-finite weights' in proc.out
+
+
+def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint(trained, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes((trained / 'ckpt.pt').read_bytes())
+    size = (out / 'ckpt.pt').stat().st_size
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+    proc = subprocess.run([sys.executable, 'pixeldlm.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=3'],
+                          cwd=REPO, capture_output=True, text=True, preexec_fn=small_disk,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode != 0 and 'iteration 3: could not save' in proc.stderr, proc.stdout + proc.stderr
+    assert 'the previous checkpoint is as it was' in proc.stderr and 'Traceback' not in proc.stderr
+    assert (out / 'ckpt.pt').read_bytes() == (trained / 'ckpt.pt').read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'lock']
+
+
+def test_checkpoints_from_before_a_config_key_existed_still_load(trained, data_dir, tmp_path):
+    checkpoint = load(trained / 'ckpt.pt')
+    for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop'):  # added in later versions
+        del checkpoint['config'][key]
+    (tmp_path / 'old').mkdir()
+    torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
+    assert run('sample.py', f'--out_dir={tmp_path}/old', '--steps=2').out.count('---------- sample') == 3
+    run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/tuned', '--max_iters=1',
+        f'--init_from={tmp_path}/old/ckpt.pt')
+    run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
+    assert load(tmp_path / 'old/ckpt.pt')['config']['objective'] == 'v'
+    checkpoint['config']['self_cond'] = True  # a feature that left the code
+    torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
+    proc = run('sample.py', f'--out_dir={tmp_path}/old', check=False)
+    assert proc.returncode != 0 and 'self-conditioning' in proc.out and 'Traceback' not in proc.out
+
+
+def test_eval_on_data_of_another_encoding_is_a_clear_error(trained, tmp_path):
+    run('prepare_data.py', '--encoding=bytes', f'--out_dir={tmp_path}/bytes')
+    proc = run('sample.py', f'--out_dir={trained}', '--eval', f'--data_dir={tmp_path}/bytes', check=False)
+    assert proc.returncode != 0 and 'holds bytes ids' in proc.out and 'Traceback' not in proc.out
+
+
+def test_bad_tokenizers_and_inputs_for_prepare_data_are_one_line_errors(tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    offline = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / 'cache'), HTTPS_PROXY='http://127.0.0.1:9',
+                   HTTP_PROXY='http://127.0.0.1:9')  # a download that cannot happen, as on an offline machine
+    for args, message, env in [(['--encoding=nonexistent'], "cannot load the tokenizer 'nonexistent'", None),
+                               (['--encoding=gpt2'], "cannot load the tokenizer 'gpt2'", offline),
+                               ([f'--input={empty}'], 'holds no .txt, .jsonl', None),
+                               (['--num_proc=0'], '--num_proc must be at least 1', None)]:
+        proc = subprocess.run([sys.executable, 'prepare_data.py', *args, f'--out_dir={tmp_path}/d'], cwd=REPO,
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1] and not (tmp_path / 'd').exists()
+
+
+def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, monkeypatch, capsys):
+    import runpy
+    sizes, sampler = [], pixeldlm.ddim_sample
+
+    def counting_sampler(model, noise, *args, **kwargs):
+        sizes.append(len(noise))
+        return sampler(model, noise, *args, **kwargs)
+    monkeypatch.setattr(pixeldlm, 'ddim_sample', counting_sampler)
+    texts = {}
+    for batch_size in (2, 5):
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={trained}', '--num_samples=5', '--steps=2',
+                                          f'--batch_size={batch_size}', '--device=cpu'])
+        runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
+        texts[batch_size] = capsys.readouterr().out.rsplit('----------', 1)[0]
+    assert sizes == [2, 2, 1, 5]  # memory holds one batch, not --num_samples
+    assert texts[2] == texts[5] and texts[2].count('---------- sample') == 5

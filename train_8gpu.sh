@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
-# JiT-B/4 on 64x64 images (4096 tokens each) on one node with 8 GPUs, bf16 autocast, torch.compile.
-# Global batch 1024 images = batch_size 128 x 8 micro-steps, one micro-step per GPU.
-# Learning rate 2e-4 = JiT's 5e-5 * 1024 / 256: 5000 warmup iterations, then constant; EMA decay 0.9999.
-# First: python prepare_data.py --input your_corpus.jsonl  (the built-in corpus is far too small for this)
-# Extra flags pass through, e.g. ./train_8gpu.sh --max_iters=20 --eval_interval=20   (a quick MFU check)
-# or ./train_8gpu.sh --init_from=resume
+# JiT-B/4 on 64x64 images (4096 tokens each), bf16 autocast, torch.compile: one node of 8 GPUs, fewer GPUs, or
+# several nodes. The global batch is 1024 images whatever the GPU count: 8 micro-steps of 128 shared out among
+# the GPUs (past 8 GPUs, one micro-step each, of 1024 / GPUs). Learning rate 2e-4 = JiT's 5e-5 * 1024 / 256,
+# 5000 warmup iterations, then constant; EMA decay 0.9999.
+#
+# First: python prepare_data.py --input your_corpus/   (the built-in corpus is far too small for this)
+#   ./train_8gpu.sh                                      one node, 8 GPUs
+#   NPROC=1 ./train_8gpu.sh --max_iters=50 --out_dir=out-check     one GPU: a quick check of speed and MFU
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 ./train_8gpu.sh         on node0; NODE_RANK=1 on the second node
+#   ./train_8gpu.sh --init_from=resume                   after an interruption (SIGTERM or SIGUSR1 save first)
+# Extra flags pass through to pixeldlm.py and win over the ones below.
 set -euo pipefail
 cd "$(dirname "$0")"
-torchrun --standalone --nproc_per_node=8 pixeldlm.py \
+NPROC=${NPROC:-8}    # GPUs (processes) on this node
+NNODES=${NNODES:-1}  # nodes; each runs this script with its own NODE_RANK
+WORLD=$((NPROC * NNODES))
+ACCUM=$((WORLD > 8 ? WORLD : 8))  # micro-steps per iteration, at least one per GPU
+if ((ACCUM % WORLD || 1024 % ACCUM)); then
+    echo "error: $WORLD GPUs in all (NPROC x NNODES) cannot share 8 micro-steps of 128 images; use 1, 2, 4, 8, 16, ..." >&2
+    exit 1
+fi
+if ((NNODES > 1)); then
+    launch=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK (0 to NNODES-1) on every node}"
+            --master_addr="${MASTER_ADDR:?set MASTER_ADDR to the address of the node with NODE_RANK=0}"
+            --master_port="${MASTER_PORT:-29500}")
+else
+    launch=(--standalone)
+fi
+# torchrun passes these signals on to every process, which then saves before it stops (SLURM: --signal=USR1@120)
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1  # torchrun --signals_to_handle
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}  # seconds to finish that save
+exec torchrun "${launch[@]}" --nproc_per_node="$NPROC" pixeldlm.py \
     --out_dir=out --img_size=64 --patch_size=4 --n_layer=12 --n_head=12 --n_embd=768 \
-    --batch_size=128 --gradient_accumulation_steps=8 --learning_rate=2e-4 --warmup_iters=5000 \
+    --batch_size=$((1024 / ACCUM)) --gradient_accumulation_steps=$ACCUM --learning_rate=2e-4 --warmup_iters=5000 \
     --max_iters=100000 --dtype=bfloat16 --compile=True "$@"
