@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -773,26 +774,45 @@ def start(script, *args, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def read_until(proc, pattern):
-    """The output of a running process up to the first line that matches pattern."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(pattern, line):
-            return ''.join(lines)
+def kill_with_children(proc):  # torchrun's workers run in sessions of their own
+    for pid in children(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+
+
+def read_until(proc, pattern, timeout=120):
+    """The output of a running process up to the first line that matches pattern (killed after timeout s)."""
+    lines, deadline = [], threading.Timer(timeout, kill_with_children, (proc,))
+    deadline.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                return ''.join(lines)
+    finally:
+        deadline.cancel()
     raise AssertionError(f"the process ended without printing {pattern!r}:\n{''.join(lines)}")
 
 
-def worker_of(agent_pid, rank):
-    """The pid of the torchrun worker with this RANK, a child of the torchrun process agent_pid (Linux /proc)."""
+def children(pid):  # (Linux /proc)
+    found = []
     for entry in filter(str.isdigit, os.listdir('/proc')):
         try:
-            parent = int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1])
-            environ = open(f'/proc/{entry}/environ', 'rb').read().split(b'\0')
+            if int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1]) == pid:
+                found.append(int(entry))
         except OSError:
-            continue
-        if parent == agent_pid and f'RANK={rank}'.encode() in environ:
-            return int(entry)
+            pass
+    return found
+
+
+def worker_of(agent_pid, rank):
+    """The pid of the torchrun worker with this RANK, a child of the torchrun process agent_pid."""
+    for pid in children(agent_pid):
+        try:
+            if f'RANK={rank}'.encode() in open(f'/proc/{pid}/environ', 'rb').read().split(b'\0'):
+                return pid
+        except OSError:
+            pass
     raise AssertionError(f"no worker with RANK={rank} under process {agent_pid}")
 
 
@@ -1093,7 +1113,8 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--init_from=nowhere.pt'], "'nowhere.pt' is none of these"),
 ])
 def test_bad_values_are_one_line_errors_before_anything_starts(data_dir, tmp_path, args, message):
-    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', *args, check=False)
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=3', *args,
+               check=False)
     assert proc.returncode != 0 and message in proc.out and 'Traceback' not in proc.out, proc.out
     assert len(proc.out.strip().splitlines()) == 1 and not (tmp_path / 'out/ckpt.pt').exists()
 
