@@ -221,7 +221,8 @@ def tokenize_task(records):
                 return {'error': f"{path} line {line_number} is not JSON ({e.msg})"}
             if not add_item(item):
                 return {'error': f'{path} line {line_number} needs a "text" string, or "prompt" and "answer" strings'}
-    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    small = np.uint16 if encoding.n_vocab <= 1 << 16 else np.uint32  # half the bytes to send back, for bytes
+    join = lambda parts: np.concatenate(parts).astype(small) if parts else np.zeros(0, dtype=small)
     return {'text': join(text), 'text_lengths': np.array(text_lengths, dtype=np.int64), 'documents': documents,
             'pairs': join(pair_ids), 'pair_lengths': np.array(pair_lengths, dtype=np.int64), 'longest': longest}
 
@@ -257,16 +258,18 @@ class Split:
         self.eot = eot
 
     def add(self, ids, lengths, val_fraction):
-        is_val = held_out(sum(self.records.values()), len(lengths), val_fraction)
-        to_val = np.repeat(is_val, lengths)
-        for split, keep in (('train', ~to_val), ('val', to_val)):
-            part = ids[keep]
+        """ids: records of the given lengths, one after the other; each run of records of one split is one write."""
+        is_val = held_out(self.records['train'] + self.records['val'], len(lengths), val_fraction)
+        ends = np.cumsum(lengths)
+        runs = np.flatnonzero(np.diff(is_val)) + 1  # where the split changes
+        for first, stop in zip([0, *runs], [*runs, len(lengths)]) if len(lengths) else []:
+            split = 'val' if is_val[first] else 'train'
+            part = ids[ends[first] - lengths[first]:ends[stop - 1]]
             if len(part):
-                part.tofile(self.files[split])
+                part.astype(np.uint32, copy=False).tofile(self.files[split])
                 self.counts[split] += len(part)
                 self.last[split] = part[-1]
-        self.records['val'] += int(is_val.sum())
-        self.records['train'] += len(lengths) - int(is_val.sum())
+            self.records[split] += stop - first
 
     def close(self):
         for split, f in self.files.items():
