@@ -269,7 +269,7 @@ class Split:
                 part.astype(np.uint32, copy=False).tofile(self.files[split])
                 self.counts[split] += len(part)
                 self.last[split] = part[-1]
-            self.records[split] += stop - first
+            self.records[split] += int(stop - first)
 
     def close(self):
         for split, f in self.files.items():
