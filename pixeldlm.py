@@ -937,10 +937,11 @@ def train():
         if iter_num % log_interval == 0 and master:
             seconds = time.time() - clock
             mfu = f"{flops_done / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's, as all ranks'
+            memory = f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.1f} GiB, " if device_type == 'cuda' else ''
             print(f"iter {iter_num}/{max_iters} ({iter_num / max_iters:.0%}): loss {lossf:.4f}, grad norm "
                   f"{grad_normf:.3f}, lr {lr:.2e}, {seconds / iters_timed * 1000:.0f} ms/iter, "
                   f"{iters_timed * images_per_iter / seconds:.1f} img/s, {tokens_seen * world_size / seconds:,.0f} "
-                  f"tok/s, data wait {waited / seconds:.1%}, mfu {mfu}, "
+                  f"tok/s, data wait {waited / seconds:.1%}, mfu {mfu}, {memory}"
                   f"ETA {duration((max_iters - iter_num) * seconds / iters_timed)}")
             clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0
         if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
