@@ -296,7 +296,7 @@ def prepare(files, documents, pairs, args, enc, folder):
         pair.add(result['pairs'], result['pair_lengths'], args.val_fraction)
         n_documents, longest = n_documents + result['documents'], max(longest, result['longest'])
         seconds = time.time() - clock
-        if files and seconds - shown > (1 if show else 30):
+        if files and seconds - shown > (1 if show else 10):
             shown, rate = seconds, position / 1e6 / seconds
             eta = (total_bytes - position) / 1e6 / max(rate, 1e-9)
             print(f"{position / 1e6:,.0f} of {total_bytes / 1e6:,.0f} MB read, {sum(text.counts.values()):,} tokens, "
