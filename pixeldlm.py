@@ -456,27 +456,31 @@ def predict(model, z, t, cond=None, guidance=1.0, logits=False):
 
 
 @torch.no_grad()
-def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0):
-    """Deterministic DDIM (eta = 0) from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat
-    and slides z along the line from x_hat through z_t: z_next = x_hat + (1-t_next)/(1-t) * (z_t - x_hat), the
-    Euler step of the flow ODE. The last step (t_next = 1) returns x_hat itself; a digit head answers there
-    with each channel's most likely digit (the mean of two likely digits is a third, unlikely one).
-    The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift): with
-    s > 1 more steps fall late, where the colors are decided.
-    cond: one prompt image per sample, answered with guidance scale `guidance` (see predict)."""
+def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, trajectory=None):
+    """Deterministic DDIM (eta = 0) from pure noise at t = 0 to an image at t = 1. Each step asks for
+    x_hat and slides z along the line from x_hat through z_t: z_next = x_hat + (1-t_next)/(1-t) * (z_t -
+    x_hat), the Euler step of the flow ODE. The last step (t_next = 1) returns x_hat itself; a digit head
+    answers there with each channel's most likely digit (the mean of two likely digits is a third one).
+    The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift):
+    with s > 1 more steps fall late, where the colors are decided. cond: one prompt image per sample,
+    answered with guidance scale `guidance` (see predict). trajectory: a list that gets (t, z_t, x_hat)
+    of every step, for watching text come out of noise (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
     for step in range(steps):
         t, t_next = ts[step], ts[step + 1]
         t_batch = torch.full((len(z),), t, device=z.device)
-        if step == steps - 1:  # chosen by its index: a shifted grid's last t can miss 1.0 by a rounding error
-            if model.digit_classes:
-                digits = predict(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)
-                return digit_values(digits, model.digit_classes)
-            return predict(model, z, t_batch, cond, guidance)
-        x_hat = predict(model, z, t_batch, cond, guidance)
-        z = x_hat + (1 - t_next) / (1 - t) * (z - x_hat)
+        last = step == steps - 1  # by its index: a shifted grid's last t can miss 1.0 by a rounding error
+        if last and model.digit_classes:
+            digits = predict(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)
+            x_hat = digit_values(digits, model.digit_classes)
+        else:
+            x_hat = predict(model, z, t_batch, cond, guidance)
+        if trajectory is not None:
+            trajectory.append((t, z, x_hat))
+        z = x_hat if last else x_hat + (1 - t_next) / (1 - t) * (z - x_hat)
+    return z
 
 
 def sample_noise(seed, first, n, side):
@@ -488,15 +492,16 @@ def sample_noise(seed, first, n, side):
 
 
 @torch.no_grad()
-def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0, first=0):
-    """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers to
-    prompts (token lists, one sample each). first: the index of the batch's first sample, which picks its
-    noise (sample_noise). sample.py turns the ids into text."""
+def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0,
+             first=0, trajectory=None):
+    """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers
+    to prompts (token lists, one sample each). first: the index of the batch's first sample, which picks
+    its noise (sample_noise). sample.py turns the ids into text."""
     side = model.grid * model.patch_size
     dev = model.pos_embed.device
     cond = None if prompts is None else prompt_images(prompts, side, base, eot_id).to(dev)
-    n = num_samples if prompts is None else len(prompts)
-    images = ddim_sample(model, sample_noise(seed, first, n, side).to(dev), steps, time_shift, cond, guidance)
+    noise = sample_noise(seed, first, num_samples if prompts is None else len(prompts), side).to(dev)
+    images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory)
     return images, image_to_ids(images, base)
 
 

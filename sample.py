@@ -10,6 +10,7 @@ $ python sample.py --out_dir=out-classroom --eval                        # the q
 import argparse
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -47,6 +48,27 @@ def ids_to_text(ids, enc):
     pieces = [token_bytes(i, enc) for i in text_part(ids, enc.eot_token)]
     valid = [piece for piece in pieces if piece is not None]
     return b''.join(valid).decode('utf-8', errors='replace'), len(pieces) - len(valid)
+
+
+def visible(ids, enc):
+    """Ids as one line of text, up to the end-of-text, for lines that stay aligned: an id that decodes to
+    nothing shows as '·', a line end as '↵', a tab as '→', any other control character as '·'."""
+    raw = b''.join(token_bytes(i, enc) or '·'.encode() for i in text_part(ids, enc.eot_token))
+    return ''.join('↵' if c == '\n' else '→' if c == '\t' else c if c.isprintable() else '·'
+                   for c in raw.decode('utf-8', errors='replace'))
+
+
+def show_steps(trajectory, base, enc, first, width):
+    """Watch text come out of noise: for each sample, the text that every DDIM step's x_hat decodes to,
+    one line per step."""
+    for k in range(len(trajectory[0][1])):
+        print(f"---------- sample {first + k}, step by step: the text of x_hat at each t")
+        for step, (t, _, x_hat) in enumerate(trajectory, 1):
+            print(f"step {step:2d} t={t:.2f} | {visible(image_to_ids(x_hat[k:k + 1], base)[0].tolist(), enc)[:width]}")
+
+
+def note(message):  # progress of long runs goes to stderr, so stdout holds just the results
+    print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -140,6 +162,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
     if meta.get('val_pairs'):
         pairs = load_pairs(data_dir, 'val', enc.eot_token)
         for w in sorted({1.0, guidance}):
+            note(f"eval: answering held-out prompts with guidance w={w:g}")
             report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
     if not meta['val_tokens']:
         return report
@@ -151,14 +174,17 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
     noise = torch.randn(len(ids), 3, side, side, generator=gen).to(dev)
     t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
+    note(f"eval: validation loss and token recovery on {n_windows} held-out windows")
     report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
                                         model.digit_classes).item()
     for t in (0.3, 0.5, 0.7, 0.9):
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
                                                                                   base, enc.eot_token)
+    note(f"eval: {n_samples} samples of {steps} DDIM steps")
     clock = time.time()
     _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift)
     report['seconds_per_sample'] = (time.time() - clock) / n_samples
+    note("eval: statistics against the training text")
     report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
     return report
 
@@ -174,6 +200,18 @@ def write_png(path, rgb):
     with open(path, 'wb') as f:
         f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows))
                 + chunk(b'IEND', b''))
+
+
+def join(images, dim, gap):
+    """uint8 images (3, h, w) side by side (dim=2) or one above the other (dim=1), `gap` white pixels apart."""
+    shape = list(images[0].shape)
+    shape[dim] = gap
+    white = torch.full(shape, 255, dtype=torch.uint8)
+    return torch.cat([part for image in images for part in (image, white)][:-1], dim=dim)
+
+
+def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8; in base 256 a color's value is its digit
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
 
 
 def print_report(r, ckpt_path, seed, steps, time_shift):
@@ -210,6 +248,8 @@ if __name__ == '__main__':
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
                         help="'auto': bfloat16 autocast on CUDA, float32 elsewhere")
     parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
+    parser.add_argument('--show_steps', action='store_true',
+                        help="print the text of every step's x_hat; with --png, draw z_t and x_hat of every step")
     parser.add_argument('--prompt', help='text to answer (needs a checkpoint trained on prompt/answer pairs)')
     parser.add_argument('--prompt_file', help='a file of prompts to answer, one per line')
     parser.add_argument('--guidance', type=float, help="classifier-free guidance scale (default: the checkpoint's)")
@@ -270,15 +310,19 @@ if __name__ == '__main__':
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
     n_samples = args.num_samples if prompts is None else len(prompts)
-    pictures, clock = [], time.time()
+    cells, clock = [], time.time()  # cells: what --png shows of each sample
     for first in range(0, n_samples, args.batch_size):  # one batch at a time: memory does not grow with n_samples
         n = min(args.batch_size, n_samples - first)
+        trajectory = [] if args.show_steps else None
         try:
             with autocast:
-                images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token, time_shift,
-                                       None if prompts is None else prompt_ids[first:first + n], guidance, first=first)
+                images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token,
+                                       time_shift, None if prompts is None else prompt_ids[first:first + n],
+                                       guidance, first, trajectory)
         except ValueError as e:  # a prompt too long for the condition image
             sys.exit(f"error: {e}")
+        if args.show_steps:
+            show_steps(trajectory, config['color_base'], enc, first, shutil.get_terminal_size().columns - 16)
         for i, row in enumerate(ids.tolist(), first):
             text, n_invalid = ids_to_text(row, enc)
             about = f"{args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
@@ -287,19 +331,23 @@ if __name__ == '__main__':
             else:
                 print(f"---------- prompt {i}: {prompts[i]!r} (guidance {guidance:g}, {about})")
             print(text)
-        if args.png:
-            if prompts is not None:  # each prompt left of its answer
-                side = images.shape[-1]
-                prompt_pictures = prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token)
-                images = torch.cat([prompt_pictures, torch.ones(n, 3, side, 1), images.float().cpu()], dim=3)
-            pictures.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu())  # base 256: color = digits
+        if args.png and args.show_steps:  # a row per sample: z_t and x_hat at every step
+            steps = [(to_pixels(z), to_pixels(x_hat)) for _, z, x_hat in trajectory]
+            cells += [join([join([z[k], x_hat[k]], 2, 1) for z, x_hat in steps], 2, 4) for k in range(n)]
+        elif args.png and prompts is not None:  # each prompt left of its answer
+            side = images.shape[-1]
+            asked = to_pixels(prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token))
+            cells += [join([p, a], 2, 1) for p, a in zip(asked, to_pixels(images))]
+        elif args.png:
+            cells += list(to_pixels(images))
+        if n_samples > args.batch_size:
+            done, seconds = first + n, time.time() - clock
+            note(f"sampled {done} of {n_samples} in {seconds:.0f} s, ETA {seconds / done * (n_samples - done):.0f} s")
     seconds = time.time() - clock
     print(f"---------- {n_samples} sample(s) in {seconds:.2f} s ({seconds / n_samples:.3f} s each, {device})")
     if args.png:
-        pixels = torch.cat(pictures)
-        gap = torch.full((3, pixels.shape[2], 2), 255, dtype=torch.uint8)
-        strip = torch.cat([torch.cat([img, gap], dim=2) for img in pixels], dim=2)[:, :, :-2]
-        scale = max(1, 256 // pixels.shape[2])  # nearest-neighbour upscale so small images are visible
-        strip = strip.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-        write_png(args.png, strip.permute(1, 2, 0).contiguous().numpy())
+        grid = join(cells, 1, 4) if args.show_steps else join(cells, 2, 2)
+        scale = max(1, (64 if args.show_steps else 256) // images.shape[-1])  # so that every pixel shows
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        write_png(args.png, grid.permute(1, 2, 0).contiguous().numpy())
         print(f"wrote {args.png}")

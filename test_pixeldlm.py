@@ -1232,3 +1232,20 @@ def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, 
         texts[batch_size] = capsys.readouterr().out.rsplit('----------', 1)[0]
     assert sizes == [2, 2, 1, 5]  # memory holds one batch, not --num_samples
     assert texts[2] == texts[5] and texts[2].count('---------- sample') == 5
+
+
+def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp_path, capsys):
+    png = tmp_path / 'steps.png'
+    proc = run('sample.py', f'--out_dir={trained}', '--num_samples=2', '--steps=3', '--show_steps', f'--png={png}')
+    for k in range(2):
+        block = proc.out.split(f'sample {k}, step by step')[1].split('----------')[0].strip().splitlines()
+        assert [line.split(' t=')[0] for line in block[1:]] == ['step  1', 'step  2', 'step  3']
+    assert 't=0.00' in proc.out  # the first x_hat is made from pure noise
+    data = png.read_bytes()
+    width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    assert (width, height) == ((3 * (8 + 1 + 8) + 2 * 4) * 8, (2 * 8 + 4) * 8)  # z_t | x_hat per step, per sample
+    enc = get_encoding('bytes')  # what a line shows: the text of that step's x_hat, kept on one line
+    x = ids_to_image(torch.tensor([list(b'hi\tthere\nyou') + [300] + [256] * 51]), 7)
+    sample.show_steps([(0.0, torch.randn_like(x), x * 0), (0.5, torch.randn_like(x), x)], 7, enc, first=4, width=80)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('---------- sample 4') and lines[2] == 'step  2 t=0.50 | hi→there↵you·'
