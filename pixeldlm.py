@@ -692,20 +692,6 @@ def save_checkpoint(state, path):
         return f"could not save {path} ({str(e).strip().splitlines()[0][:200]})"
 
 
-def lock_out_dir():
-    """One trainer per out_dir: an exclusive lock on out_dir/lock, which the OS drops when the process ends,
-    however it ends, so a crashed run never leaves it stuck. Returns the lock file; keep it open."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, 'lock'), 'w')
-    try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        sys.exit(f"error: another trainer is using {out_dir} (it holds {out_dir}/lock); wait for it to end or "
-                 f"pick another --out_dir")
-    return lock
-
-
 def setup_device(name, local_rank=0, ddp=False):
     """--device -> the device this process uses, checked. A GPU goes by its index (torch.cuda.set_device refuses
     a bare 'cuda'): under torchrun every process takes the GPU of its LOCAL_RANK, alone it takes GPU 0."""
@@ -830,9 +816,111 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def claim_out_dir():
+    """Before the master process writes to out_dir: one trainer per out_dir (an exclusive lock on out_dir/lock,
+    which the OS drops when the process ends, however it ends, so a crashed run never leaves it stuck; returned,
+    keep it open), no leftovers of a save that a kill interrupted, and a fresh run never overwrites a checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, 'lock'), 'w')
+    try:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(f"error: another trainer is using {out_dir} (it holds {out_dir}/lock); wait for it to end or "
+                 f"pick another --out_dir")
+    for name in os.listdir(out_dir):
+        if name.startswith('ckpt.pt.tmp'):
+            os.remove(os.path.join(out_dir, name))
+    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        sys.exit(f"error: {out_dir}/ckpt.pt already exists; continue it with --init_from=resume or pick another "
+                 f"--out_dir")
+    return lock
+
+
+def setup_processes(ddp, local_rank):
+    """This process's device, and under torchrun the process group. Its timeout comes after the watchdog's,
+    which says who is missing."""
+    dev = setup_device(device, local_rank, ddp)
+    if dev.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo',
+                                timeout=timedelta(seconds=collective_timeout + 60),
+                                device_id=torch.device(dev) if dev.startswith('cuda') else None)
+    return dev
+
+
+def describe_run(model, data, dev, world_size, autocast, iter_num):
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
+          f"{patch_size}, {data['meta']['encoding']} ids in base {color_base}")
+    print(f"device {dev} x {world_size} process(es), {'fp32' if autocast is None else 'bf16 autocast'}, global "
+          f"batch {batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} "
+          f"micro-steps, from iter {iter_num}")
+    if data['n_pairs']:
+        print(f"data: {data['meta']['train_pairs']:,} prompt/answer pairs, {data['n_pairs']} per micro-batch, prompt "
+              f"dropped {cond_drop:.0%} of the time"
+              + ("; text windows fill the rest" if data['n_pairs'] < batch_size else ''))
+
+
+def log_line(iter_num, lossf, grad_normf, lr, meter, world_size, dev):
+    """nanoGPT's log line, and what a long run needs besides: progress, ETA, data wait, memory. meter: what
+    this process did since the last line (seconds are counted from meter['clock'])."""
+    seconds = time.time() - meter['clock']
+    gpu = torch.cuda.get_device_name(dev) if dev.startswith('cuda') else ''
+    peak = peak_flops or next((flops for name, flops in PEAK_FLOPS.items() if name in gpu), 0.0)
+    mfu = f"{meter['flops'] / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's, as all ranks'
+    memory = f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.1f} GiB, " if dev.startswith('cuda') else ''
+    return (f"iter {iter_num}/{max_iters} ({iter_num / max_iters:.0%}): loss {lossf:.4f}, grad norm {grad_normf:.3f}, "
+            f"lr {lr:.2e}, {seconds / meter['iters'] * 1000:.0f} ms/iter, "
+            f"{meter['iters'] * batch_size * gradient_accumulation_steps / seconds:.1f} img/s, "
+            f"{meter['tokens'] * world_size / seconds:,.0f} tok/s, data wait {meter['waited'] / seconds:.1%}, "
+            f"mfu {mfu}, {memory}ETA {duration((max_iters - iter_num) * seconds / meter['iters'])}")
+
+
+def accumulate_gradients(net, batches, accum_steps, dev, autocast, meter, progress, flops):
+    """One iteration's micro-steps in this process: forward and backward of each, with the gradients
+    all-reduced (under DDP) only on the last. Returns the mean loss, on the device."""
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(accum_steps):
+        batch, waited = next(batches)
+        progress['count'] += 1
+        if isinstance(net, DDP):
+            net.require_backward_grad_sync = micro == accum_steps - 1
+        loss = batch_loss(net, batch, dev, autocast)
+        (loss / accum_steps).backward()
+        loss_sum += loss.detach() / accum_steps
+        meter['waited'] += waited
+        meter['tokens'] += batch['n_tokens']
+        meter['flops'] += batch['n_prompts'] * flops[1] + (batch_size - batch['n_prompts']) * flops[0]
+    return loss_sum
+
+
+def agree(problem, dev, ddp):
+    """Whether any process has a problem (a non-empty string), known to every process."""
+    failed = torch.tensor(float(bool(problem)), device=dev)
+    if ddp:
+        dist.all_reduce(failed)
+    return failed.item() > 0
+
+
+def finish(master, ddp, message, exit_code):
+    """Every process stops here together; the master says why."""
+    if master:
+        print(message, file=sys.stderr if exit_code else sys.stdout, flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(exit_code)
+
+
+def new_meter():
+    return {'clock': time.time(), 'iters': 0, 'tokens': 0, 'flops': 0, 'waited': 0.0}
+
+
 def train():
-    """nanoGPT's loop, over one process or torchrun's, with EMA weights. Nothing is lost on a NaN, a signal, or a
-    process that stops answering. Returns the model (its last weights; the EMA's are in the checkpoint)."""
+    """nanoGPT's loop, over one process or torchrun's, with EMA weights. Nothing is lost on a NaN, a signal,
+    or a process that stops answering. Returns the model (its last weights; the EMA's are in the checkpoint)."""
     # processes: one, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
     ddp = 'RANK' in os.environ
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
@@ -843,132 +931,82 @@ def train():
                  f"the number of processes ({world_size})")
     accum_steps = gradient_accumulation_steps // world_size
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    lock = lock_out_dir() if master else None  # held until this process ends
-    for name in os.listdir(out_dir) if master else []:  # what a process killed in the middle of a save left
-        if name.startswith('ckpt.pt.tmp'):
-            os.remove(os.path.join(out_dir, name))
-    if init_from == 'scratch' and os.path.exists(ckpt_path):
-        sys.exit(f"error: {ckpt_path} already exists; continue it with --init_from=resume "
-                 f"or pick another --out_dir")
+    lock = claim_out_dir() if master else None  # held until this process ends
     checkpoint = None if init_from == 'scratch' else load_checkpoint(start_checkpoint_path())
     data = load_data()
     if checkpoint and init_from == 'resume' and checkpoint['iter_num'] >= max_iters:
-        print(f"{ckpt_path} is at iteration {checkpoint['iter_num']} already (max_iters={max_iters}); nothing to do, "
-              f"raise --max_iters to train on")
+        print(f"{ckpt_path} is at iteration {checkpoint['iter_num']} already (max_iters={max_iters}); nothing to "
+              f"do, raise --max_iters to train on")
         return None
-    dev = setup_device(device, local_rank, ddp)
+    dev = setup_processes(ddp, local_rank)
     device_type = dev.split(':')[0]
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if ddp:  # the backend's own timeout comes after the watchdog's, which says who is missing
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
-                                timeout=timedelta(seconds=collective_timeout + 60),
-                                device_id=torch.device(dev) if device_type == 'cuda' else None)
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else None
     model, ema, optimizer, iter_num = build_model(checkpoint, dev)
     checkpoint = None  # free it
     train_model = torch.compile(model) if compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    images_per_iter = batch_size * gradient_accumulation_steps
     if master:
-        print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
-              f"{patch_size}, {data['meta']['encoding']} ids in base {color_base}")
-        print(f"device {dev} x {world_size} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}, global batch "
-              f"{images_per_iter} = {batch_size} x {gradient_accumulation_steps} micro-steps, from iter {iter_num}")
-        if data['n_pairs']:
-            print(f"data: {data['meta']['train_pairs']:,} prompt/answer pairs, {data['n_pairs']} per micro-batch, "
-                  f"prompt dropped {cond_drop:.0%} of the time"
-                  + ("; text windows fill the rest" if data['n_pairs'] < batch_size else ''))
+        describe_run(model, data, dev, world_size, autocast, iter_num)
+    autocast = autocast or nullcontext()
     progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
     if ddp:
         start_watchdog(rank, world_size, progress)
-    for name in ('SIGTERM', 'SIGUSR1'):
+    for name in ('SIGTERM', 'SIGUSR1'):  # noted here, acted on at the end of the iteration
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
-
-    def finish(message, exit_code):  # every process stops here together; the master says why
-        if master:
-            print(message, file=sys.stderr if exit_code else sys.stdout, flush=True)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(exit_code)
 
     keys = ((0, it, rank * accum_steps + micro) for it in range(iter_num, max_iters) for micro in range(accum_steps))
     batches = prefetch(lambda key: make_batch(data, 'train', key, pin=device_type == 'cuda'), keys)
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
-    flops_alone, flops_prompted = flops_per_image(model), flops_per_image(model, conditional=True)
-    peak = peak_flops or (next((f for name, f in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(dev)), 0.0)
-                          if device_type == 'cuda' else 0.0)
-    clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0
+    flops = flops_per_image(model), flops_per_image(model, conditional=True)  # without, with a prompt
+    advice = f"Try a lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, then --init_from=resume"
+    meter = new_meter()
     while iter_num < max_iters:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(accum_steps):
-            batch, seconds = next(batches)
-            waited += seconds
-            progress['count'] += 1
-            if ddp:  # all-reduce the gradients only once, on the last micro-step
-                train_model.require_backward_grad_sync = micro == accum_steps - 1
-            loss = batch_loss(train_model, batch, dev, autocast)
-            (loss / accum_steps).backward()
-            loss_sum += loss.detach() / accum_steps
-            tokens_seen += batch['n_tokens']
-            flops_done += batch['n_prompts'] * flops_prompted + (batch_size - batch['n_prompts']) * flops_alone
+        loss_sum = accumulate_gradients(train_model, batches, accum_steps, dev, autocast, meter, progress, flops)
         grad_norm = torch.nn.utils.clip_grad_norm_(model_params, grad_clip or math.inf)
         # one all-reduce tells every process the mean loss, the gradient norm and whether any process got a signal
         shared = torch.stack([loss_sum, grad_norm.float(), torch.tensor(float(len(stop_signals)), device=dev)])
         if ddp:
             dist.all_reduce(shared)
         lossf, grad_normf, stop = (shared / world_size).tolist()
-        if not (math.isfinite(lossf) and math.isfinite(grad_normf)):  # the step is not taken, nothing is saved
-            finish(f"error: iteration {iter_num}: loss {lossf}, gradient norm {grad_normf}: the step was not taken "
-                   f"and nothing was saved. Try a lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, "
-                   f"then --init_from=resume", 1)
+        if not (math.isfinite(lossf) and math.isfinite(grad_normf)):
+            finish(master, ddp, f"error: iteration {iter_num}: loss {lossf}, gradient norm {grad_normf}: the "
+                                f"step was not taken and nothing was saved. {advice}", 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # a young EMA would mostly remember the random init, so its decay ramps up
             torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
         iter_num += 1
-        iters_timed += 1
+        meter['iters'] += 1
         progress['iter'] = iter_num
 
         if iter_num % log_interval == 0 and master:
-            seconds = time.time() - clock
-            mfu = f"{flops_done / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's, as all ranks'
-            memory = f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.1f} GiB, " if device_type == 'cuda' else ''
-            print(f"iter {iter_num}/{max_iters} ({iter_num / max_iters:.0%}): loss {lossf:.4f}, grad norm "
-                  f"{grad_normf:.3f}, lr {lr:.2e}, {seconds / iters_timed * 1000:.0f} ms/iter, "
-                  f"{iters_timed * images_per_iter / seconds:.1f} img/s, {tokens_seen * world_size / seconds:,.0f} "
-                  f"tok/s, data wait {waited / seconds:.1%}, mfu {mfu}, {memory}"
-                  f"ETA {duration((max_iters - iter_num) * seconds / iters_timed)}")
-            clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0
+            print(log_line(iter_num, lossf, grad_normf, lr, meter, world_size, dev))
+            meter = new_meter()
         if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
             losses = None if stop else estimate_loss(ema, data, dev, autocast, rank, world_size, progress)
             if losses and not all(map(math.isfinite, losses.values())):
-                finish(f"error: iteration {iter_num}: the EMA weights give losses {losses}: nothing was saved. Try a "
-                       f"lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, then --init_from=resume", 1)
+                finish(master, ddp, f"error: iteration {iter_num}: the EMA weights give losses {losses}: "
+                                    f"nothing was saved. {advice}", 1)
             problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
                                        'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': data['meta'],
-                                       'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else None
-            failed = torch.tensor(float(problem is not None), device=dev)
-            if ddp:  # also keeps the other processes here until the master has saved
-                dist.all_reduce(failed)
-            if failed.item():
-                finish(f"error: iteration {iter_num}: {problem}; the previous checkpoint is as it was", 1)
+                                       'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else ''
+            if agree(problem, dev, ddp):  # the others wait here until the master has saved
+                finish(master, ddp, f"error: iteration {iter_num}: {problem}; the previous checkpoint is as it "
+                                    f"was", 1)
             if master and losses:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(EMA weights), saved {ckpt_path}")
             if stop:
                 name = signal.Signals(stop_signals[0]).name if stop_signals else 'a signal to another process'
-                finish(f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue with --init_from=resume", 0)
-            clock, iters_timed, tokens_seen, flops_done, waited = time.time(), 0, 0, 0, 0.0  # evaluation is not timed
+                finish(master, ddp, f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue with "
+                                    f"--init_from=resume", 0)
+            meter = new_meter()  # evaluation is not timed
     if ddp:
         dist.destroy_process_group()
     return model
