@@ -583,8 +583,8 @@ def get_batch(tokens, rng, n_windows, n_pixels, eot_id):
 def get_pair_batch(pairs, rng, n, n_pixels, eot_id, cond_drop):
     """n random prompt/answer pairs -> (prompt ids, answer ids, answer mask). Each pair loses its prompt with
     probability cond_drop, which teaches the same model the unconditional answer that guidance needs; the kept
-    prompts belong to the first answers. The number kept is rounded at random, so the rate is exact on
-    average and a batch has only two possible shapes."""
+    prompts belong to the first answers, as JiT.forward wants. The number kept is rounded at random, so the
+    rate is exact on average and a batch has only two possible shapes."""
     stream, bounds = pairs
     rows = bounds[rng.integers(0, len(bounds), size=n)]
     n_keep = n - int(cond_drop * n + rng.random())

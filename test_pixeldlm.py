@@ -78,7 +78,7 @@ def test_codec_round_trips_every_id_of_the_encoding(enc):
     assert torch.equal(image_to_ids(ids_to_image(ids, 47), 47), ids)  # any base whose cube covers the vocab
 
 
-def test_codec_uses_the_seed_digits_row_major():
+def test_codec_uses_the_original_designs_digits_row_major():
     ids = torch.tensor([[0, 1, 256, 65536, 100257, 5, 6, 7, 8]])
     digits = ((ids_to_image(ids, 256) + 1) / 2 * 255).round().long()
     assert digits[0, :, 0, 0].tolist() == [0, 0, 0]
