@@ -10,6 +10,7 @@ $ python sample.py --out_dir=out-classroom --eval                        # the q
 import argparse
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -103,11 +104,40 @@ def entropy_bits(ids):
     return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a single id
 
 
+def words(text):  # runs of three or more letters, in lower case
+    return re.findall(r'[a-z]{3,}', text.lower())
+
+
+def decode_all(ids, enc):
+    """A stream of ids (documents ended by end-of-text) -> one text, the documents a line apart."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if enc.name == 'bytes':  # the fast way for the byte vocabulary
+        return bytes(np.where(ids == enc.eot_token, 10, ids).astype(np.uint8)).decode('utf-8', errors='replace')
+    return '\n'.join(enc.decode(part.tolist()) for part in np.split(ids, np.flatnonzero(ids == enc.eot_token)))
+
+
+def word_statistics(texts, real_texts, train_tokens, enc, rng):
+    """Tokenizer-free: the share of sampled words (runs of 3+ letters) that occur in the training text, beside
+    held-out real text of the same length (the ceiling) and characters drawn independently from the training
+    text's character frequencies (the floor: letter soup with the right letters and spaces)."""
+    train_text = decode_all(train_tokens[:20_000_000], enc)
+    known = set(words(train_text))
+    sampled = '\n'.join(ids_to_text(text, enc)[0] for text in texts)
+    real = '\n'.join(ids_to_text(text, enc)[0] for text in real_texts)[:max(len(sampled), 1)]
+    letters, counts = np.unique(np.array(list(train_text[:2_000_000])), return_counts=True)
+    soup = ''.join(rng.choice(letters, size=max(len(sampled), 10_000), p=counts / counts.sum()))
+    hits = {}
+    for name, text in ('word_hits', sampled), ('word_ceiling', real), ('word_floor', soup):
+        found = words(text)
+        hits[name] = sum(w in known for w in found) / len(found) if found else 0.0
+    return hits
+
+
 def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
     """Unconditional samples against real windows of the same size: valid ids, texts that end, unigram
-    entropy (against as many real tokens), and the bigram hit rate: the fraction of sampled neighbour pairs
-    found anywhere in the training data, beside real text (the ceiling) and ids drawn independently from
-    the training unigram distribution (the floor)."""
+    entropy (against as many real tokens), the word hit rate (word_statistics), and the bigram hit rate: the
+    fraction of sampled neighbour pairs found anywhere in the training data, beside real text (the ceiling)
+    and ids drawn independently from the training unigram distribution (the floor)."""
     def valid(i):
         return token_bytes(i, enc) is not None
     texts = [text_part(row, enc.eot_token) for row in sample_ids]
@@ -116,6 +146,7 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
     stats = {'valid_ids': sum(valid(i) for text in texts for i in text) / max(n_ids, 1),
              'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids])),
              'ended_real': float(np.mean([enc.eot_token in list(row) for row in real_ids]))}
+    stats.update(word_statistics(texts, real_texts, train_tokens, enc, rng))
     texts = [[i for i in text if valid(i)] for text in texts]  # invalid ids have no bigrams to look up
     sampled = [i for text in texts for i in text]
     real = [i for text in real_texts for i in text][:max(len(sampled), 1)]
@@ -225,6 +256,9 @@ def print_report(r, ckpt_path, seed, steps, time_shift):
     ts = (0.3, 0.5, 0.7, 0.9)
     percent = lambda v: '   n/a' if math.isnan(v) else f"{v:6.1%}"  # n/a: no window ends inside its image
     progress = (r['bigram_hits'] - r['bigram_floor']) / max(r['bigram_ceiling'] - r['bigram_floor'], 1e-9)
+    words_way = (r['word_hits'] - r['word_floor']) / max(r['word_ceiling'] - r['word_floor'], 1e-9)
+    print(f"word hits             {r['word_hits']:.1%} of sampled words occur in the training text (floor "
+          f"{r['word_floor']:.1%}, ceiling {r['word_ceiling']:.1%}: {words_way:.0%} of the way)")
     print(f"validation loss       {r['val_loss']:.4f}")
     print("token recovery        " + "  ".join(f"t={t}: {percent(r[f'recovery_t{t}'])}" for t in ts))
     print("end-of-text position  " + "  ".join(f"t={t}: {percent(r[f'eot_position_t{t}'])}" for t in ts))

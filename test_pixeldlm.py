@@ -1249,3 +1249,21 @@ def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp
     sample.show_steps([(0.0, torch.randn_like(x), x * 0), (0.5, torch.randn_like(x), x)], 7, enc, first=4, width=80)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith('---------- sample 4') and lines[2] == 'step  2 t=0.50 | hi→there↵you·'
+
+
+def test_word_hits_put_real_text_at_the_ceiling_and_letter_soup_at_the_floor(tmp_path):
+    run('prepare_data.py', '--encoding=bytes', f'--out_dir={tmp_path}/bytes')
+    enc, rng = get_encoding('bytes'), np.random.default_rng(0)
+    train = pixeldlm.load_tokens(tmp_path / 'bytes', 'train')
+    real, _ = pixeldlm.get_batch(pixeldlm.load_tokens(tmp_path / 'bytes', 'val'), rng, 16, 256, 256)
+    real = [text_part(row, 256) for row in real.tolist()]
+    assert sample.words("Lists, tuples3 and x-ray ok") == ['lists', 'tuples', 'and', 'ray']
+    same = sample.word_statistics(real, real, train, enc, rng)
+    assert same['word_hits'] == same['word_ceiling'] > 0.8 > 0.2 > same['word_floor']
+    letters = np.bincount(np.asarray(train), minlength=257).astype(float)
+    letters[256] = 0
+    soup = rng.choice(257, size=(16, 256), p=letters / letters.sum()).tolist()  # bytes drawn independently
+    stats = sample.word_statistics(soup, real, train, enc, rng)
+    assert abs(stats['word_hits'] - stats['word_floor']) < 0.05
+    words = [list(b' '.join(w.encode() for w in ['the', 'list', 'zqxv', 'value'] * 20))]  # 3 of 4 words known
+    assert sample.word_statistics(words, real, train, enc, rng)['word_hits'] == 0.75
