@@ -143,11 +143,12 @@ def configure(args):
         saved = checkpoint['config']
         settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
         globals().update({k: saved[k] for k in settled if k in saved and k not in ('init_from', 'out_dir')})
-        if checkpoint['meta']['encoding'] != load_meta(data_dir)['encoding']:
-            sys.exit(f"error: {start_checkpoint_path()} was trained on {checkpoint['meta']['encoding']} ids but "
-                     f"{data_dir} holds {load_meta(data_dir)['encoding']} ids; give it data in the same encoding")
+    meta = load_meta(data_dir) if init_from != 'scratch' or color_base == 0 else None
+    if init_from != 'scratch' and checkpoint['meta']['encoding'] != meta['encoding']:
+        sys.exit(f"error: {start_checkpoint_path()} was trained on {checkpoint['meta']['encoding']} ids but "
+                 f"{data_dir} holds {meta['encoding']} ids; give it data in the same encoding")
     if color_base == 0:
-        globals()['color_base'] = math.ceil(load_meta(data_dir)['vocab_size'] ** (1 / 3) - 1e-9)
+        globals()['color_base'] = math.ceil(meta['vocab_size'] ** (1 / 3) - 1e-9)
     check_config()
 
 
@@ -422,7 +423,6 @@ def flops_per_image(model, conditional=False):
     per_token = sum(p.numel() for p in model.parameters()) - per_image
     n_tokens, dim, n_layer = model.grid ** 2 * (1 + conditional), model.patch_embed.out_features, len(model.blocks)
     return 6 * (per_token * n_tokens + per_image) + 12 * n_layer * dim * n_tokens ** 2
-
 
 
 # -----------------------------------------------------------------------------
@@ -851,11 +851,11 @@ def setup_processes(ddp, local_rank):
     return dev
 
 
-def describe_run(model, data, dev, world_size, autocast, iter_num):
+def describe_run(model, data, dev, world_size, use_bf16, iter_num):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
           f"{patch_size}, {data['meta']['encoding']} ids in base {color_base}")
-    print(f"device {dev} x {world_size} process(es), {'fp32' if autocast is None else 'bf16 autocast'}, global "
+    print(f"device {dev} x {world_size} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}, global "
           f"batch {batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} "
           f"micro-steps, from iter {iter_num}")
     if data['n_pairs']:
@@ -932,7 +932,7 @@ def train():
     accum_steps = gradient_accumulation_steps // world_size
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     lock = claim_out_dir() if master else None  # held until this process ends
-    checkpoint = None if init_from == 'scratch' else load_checkpoint(start_checkpoint_path())
+    checkpoint = None if init_from == 'scratch' else load_checkpoint(start_checkpoint_path(), mmap=True)
     data = load_data()
     if checkpoint and init_from == 'resume' and checkpoint['iter_num'] >= max_iters:
         print(f"{ckpt_path} is at iteration {checkpoint['iter_num']} already (max_iters={max_iters}); nothing to "
@@ -941,15 +941,14 @@ def train():
     dev = setup_processes(ddp, local_rank)
     device_type = dev.split(':')[0]
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else None
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     model, ema, optimizer, iter_num = build_model(checkpoint, dev)
     checkpoint = None  # free it
     train_model = torch.compile(model) if compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
     if master:
-        describe_run(model, data, dev, world_size, autocast, iter_num)
-    autocast = autocast or nullcontext()
+        describe_run(model, data, dev, world_size, use_bf16, iter_num)
     progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
     if ddp:
         start_watchdog(rank, world_size, progress)

@@ -334,8 +334,9 @@ if __name__ == '__main__':
 
     if args.eval:
         data_dir = args.data_dir or config['data_dir']
-        if load_meta(data_dir)['encoding'] != meta['encoding']:
-            sys.exit(f"error: {data_dir} holds {load_meta(data_dir)['encoding']} ids but {ckpt_path} was trained on "
+        data_encoding = load_meta(data_dir)['encoding']
+        if data_encoding != meta['encoding']:
+            sys.exit(f"error: {data_dir} holds {data_encoding} ids but {ckpt_path} was trained on "
                      f"{meta['encoding']} ids; give --data_dir data in the same encoding")
         with autocast:
             report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
