@@ -66,6 +66,8 @@ n_head = 12
 n_embd = 768
 color_base = 256  # digits per color channel (the original design's 256); 0: the smallest base that covers the vocabulary
 objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on each channel's digit
+rope = False  # 2D rotary positions in attention (JiT's), on top of the fixed sin-cos table
+pixel_order = 'row'  # how ids fill the image: 'row' by row (the original design), or 'patch' by patch
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = -0.8
 P_std = 0.8
@@ -106,9 +108,9 @@ presets = {
                       compile=False),
 }
 # what the weights fix: a resumed or fine-tuned run takes these from its checkpoint whatever the command line says
-MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective')
+MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
 # what runs used before a key existed, so that their checkpoints still load
-LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1}
+LEGACY_CONFIG = {'objective': 'v', 'pixel_order': 'row', 'rope': False, 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1}
 
 
 def configure(args):
@@ -189,7 +191,9 @@ def check_config():
     for key in ('P_mean', 'guidance'):
         require(-math.inf < globals()[key] < math.inf, key, 'finite')
     require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base that covers the vocabulary) or >= 2')
-    require(objective in ('v', 'digits'), 'objective', "'v' or 'digits'")
+    require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
+    require(objective != 'tokens' or color_base ** 3 <= 4096, 'objective', "'tokens' only with color_base ** 3 <= 4096")
+    require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")
     require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
     require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
     require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
@@ -229,15 +233,29 @@ def pixels_to_ids(pixels, base):
     return digits[..., 0] + base * digits[..., 1] + base ** 2 * digits[..., 2]
 
 
-def ids_to_image(ids, base):
-    """(B, S*S) ids -> (B, 3, S, S) image, filled row by row."""
-    side = math.isqrt(ids.shape[-1])
-    return ids_to_pixels(ids, base).view(-1, side, side, 3).permute(0, 3, 1, 2)
+def ids_to_image(ids, base, tile=1):
+    """(B, S*S) ids -> (B, 3, S, S) image. The ids fill it tile by tile, tile x tile pixels each (row by row
+    inside a tile, tiles row by row), so that a patch of the model can hold consecutive tokens; tile 1 is row by row."""
+    return to_grid(ids_to_pixels(ids, base), tile)
 
 
-def image_to_ids(image, base):
-    """(B, 3, S, S) image -> (B, S*S) ids, row by row."""
-    return pixels_to_ids(image.permute(0, 2, 3, 1), base).flatten(1)
+def image_to_ids(image, base, tile=1):
+    """(B, 3, S, S) image -> (B, S*S) ids, read in the order ids_to_image fills it."""
+    return pixels_to_ids(from_grid(image, tile), base)
+
+
+def to_grid(seq, tile):
+    """(B, S*S, C) values in reading order -> (B, C, S, S), placed tile by tile."""
+    B, n, C = seq.shape
+    g = math.isqrt(n) // tile
+    return seq.reshape(B, g, g, tile, tile, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * tile, g * tile)
+
+
+def from_grid(image, tile):
+    """(B, C, S, S) -> (B, S*S, C) in reading order: to_grid undone."""
+    B, C, side, _ = image.shape
+    g = side // tile
+    return image.reshape(B, C, g, tile, g, tile).permute(0, 2, 4, 3, 5, 1).reshape(B, side * side, C)
 
 
 def pad_texts(stream, starts, ends, n_pixels, eot_id):
@@ -253,12 +271,12 @@ def pad_texts(stream, starts, ends, n_pixels, eot_id):
     return np.where(offsets < lengths[:, None], ids, eot_id)
 
 
-def prompt_images(prompts, img_size, base, eot_id):
+def prompt_images(prompts, img_size, base, eot_id, tile=1):
     """Token lists (what sample.py encodes from text) -> condition images (B, 3, S, S), built by pad_texts."""
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     stream = np.array([i for p in prompts for i in p] + [eot_id], dtype=np.int64)
     ids = pad_texts(stream, np.cumsum(lengths) - lengths, np.cumsum(lengths), img_size ** 2, eot_id)
-    return ids_to_image(torch.from_numpy(ids), base)
+    return ids_to_image(torch.from_numpy(ids), base, tile)
 
 
 # -----------------------------------------------------------------------------
@@ -281,11 +299,27 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // n_head, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # no mask: flash attention
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        x = F.scaled_dot_product_attention(q, k, v)  # no mask: flash attention
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+def rotate(x, cos, sin):  # rotary positions: each pair of channels (i, i + d/2) turns by its angle
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def rope_2d(head_dim, rows, cols):
+    """Angles of 2D rotary positions: half the channel pairs turn with the row, half with the column."""
+    omega = 1.0 / 100 ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij')
+    angles = torch.cat([r.flatten()[:, None] * omega, c.flatten()[:, None] * omega], dim=1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
 
 
 class SwiGLU(nn.Module):
@@ -307,9 +341,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim)
         self.adaLN = nn.Linear(dim, 6 * dim)  # timestep -> shift, scale, gate for attention and for the MLP
 
-    def forward(self, x, c):
+    def forward(self, x, c, rope=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1))
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), rope)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(rms_norm(x), shift2, scale2))
         return x
 
@@ -318,7 +352,7 @@ class JiT(nn.Module):
     """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
     goes in front of the target in the same sequence, as if the two were stacked into one tall image."""
 
-    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0):
+    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope=False):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
         assert n_embd % n_head == 0 and n_embd % 4 == 0, "n_embd must be a multiple of n_head and of 4"
@@ -329,11 +363,15 @@ class JiT(nn.Module):
         # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below
         # (JiT adds 2D RoPE on top of these; at 256 patches the fixed table alone is the simpler choice)
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
+        self.rope = rope
+        if rope:
+            for name, table in zip(('rope_cos', 'rope_sin'), rope_2d(n_embd // n_head, 2 * self.grid, self.grid)):
+                self.register_buffer(name, table, persistent=False)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
         # the head regresses pixel values, or (digit_classes = b) gives logits for each channel's base-b digit
-        self.digit_classes = digit_classes
-        self.final = nn.Linear(n_embd, patch_dim * max(digit_classes, 1))
+        self.digit_classes, self.token_classes = digit_classes, token_classes
+        self.final = nn.Linear(n_embd, patch_dim * max(digit_classes, 1) if not token_classes else patch_size ** 2 * token_classes)
         # init as DiT: xavier everywhere, small timestep MLP, and zeros for every adaLN and the output, so
         # each block starts as the identity and the first prediction is a flat grey image
         for m in self.modules():
@@ -347,8 +385,9 @@ class JiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def run_blocks(self, x, c):
+        rope = (self.rope_cos[-x.shape[1]:], self.rope_sin[-x.shape[1]:]) if self.rope else None  # target: lower half
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, rope)
         return x
 
     def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
@@ -380,6 +419,14 @@ class JiT(nn.Module):
         shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
             x = self.final(modulate(rms_norm(x.float()), shift, scale))
+        if self.token_classes:
+            B, V, p, g = len(x), self.token_classes, self.patch_size, self.grid
+            token_logits = x.view(B, g, g, V, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, V, g * p, g * p)
+            if logits:
+                return token_logits
+            base = round(V ** (1 / 3))
+            colors = ids_to_pixels(torch.arange(V, device=x.device), base)
+            return torch.einsum('bvhw,vc->bchw', token_logits.softmax(dim=1), colors)
         if not self.digit_classes:
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
@@ -390,10 +437,16 @@ class JiT(nn.Module):
         return (digit_logits.softmax(dim=1) * colors).sum(dim=1)
 
 
+def tile_of(config):
+    """The tile that ids fill the image by (ids_to_image): a whole patch, or one pixel (row by row)."""
+    return config['patch_size'] if config['pixel_order'] == 'patch' else 1
+
+
 def model_from_config(config):
     """The JiT that a dict of config values (this module's, or a checkpoint's) describes."""
     return JiT(config['img_size'], config['patch_size'], config['n_layer'], config['n_head'], config['n_embd'],
-               digit_classes=config['color_base'] if config['objective'] == 'digits' else 0)
+               digit_classes=config['color_base'] if config['objective'] == 'digits' else 0,
+               token_classes=config['color_base'] ** 3 if config['objective'] == 'tokens' else 0, rope=config['rope'])
 
 
 def timestep_embedding(t, dim=256):
@@ -428,7 +481,7 @@ def flops_per_image(model, conditional=False):
 # -----------------------------------------------------------------------------
 # diffusion: z_t = t*x + (1-t)*noise, the network predicts x, DDIM walks from t=0 (noise) to t=1 (clean)
 
-def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None):
+def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, token_classes=0):
     """JiT's v-loss on an x-prediction: ||x_pred - x||^2 / max(1-t, 0.05)^2, which is the squared error of
     the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
     A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit.
@@ -436,6 +489,10 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None):
     images, as JiT.forward takes them; a prompt itself is never a target."""
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
+    if token_classes:
+        ids = pixels_to_ids(x.permute(0, 2, 3, 1), round(token_classes ** (1 / 3)))
+        logits = model(z, t, cond, logits=True).float()
+        return (mask[:, 0] * F.cross_entropy(logits, ids, reduction='none')).sum() / mask.sum()
     if digit_classes:
         digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
         logits = model(z, t, cond, logits=True).float()
@@ -455,54 +512,77 @@ def predict(model, z, t, cond=None, guidance=1.0, logits=False):
     return x_u + guidance * (x_c - x_u)
 
 
+def decide(model, z, t, cond, guidance):
+    """Each pixel's most likely color under a classifying head (digit by digit, or the whole token)."""
+    logits = predict(model, z, t, cond, guidance, logits=True)
+    if model.token_classes:
+        V = model.token_classes
+        return ids_to_pixels(logits.argmax(dim=1), round(V ** (1 / 3))).permute(0, 3, 1, 2)
+    return digit_values(logits.argmax(dim=1), model.digit_classes)
+
+
 @torch.no_grad()
-def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, trajectory=None):
-    """Deterministic DDIM (eta = 0) from pure noise at t = 0 to an image at t = 1. Each step asks for
-    x_hat and slides z along the line from x_hat through z_t: z_next = x_hat + (1-t_next)/(1-t) * (z_t -
-    x_hat), the Euler step of the flow ODE. The last step (t_next = 1) returns x_hat itself; a digit head
-    answers there with each channel's most likely digit (the mean of two likely digits is a third one).
+def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, trajectory=None, eta=0.0,
+                argmax_from=1.0, step_noise=None):
+    """DDIM from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat and moves z to t_next:
+    deterministic (eta = 0) along the line from x_hat through z_t: z_next = x_hat + (1-t_next)/(1-t) * (z_t -
+    x_hat), the Euler step of the flow ODE; with eta = 1 a DDPM step (the posterior q(z_next | z_t, x_hat)).
+    The last step (t_next = 1) returns x_hat itself; a classifying head answers with its most likely colors
+    there (the mean of two likely digits is a third one), and from t >= argmax_from on.
     The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift):
     with s > 1 more steps fall late, where the colors are decided. cond: one prompt image per sample,
     answered with guidance scale `guidance` (see predict). trajectory: a list that gets (t, z_t, x_hat)
-    of every step, for watching text come out of noise (sample.py --show_steps)."""
+    of every step, for watching text come out of noise (sample.py --show_steps). step_noise(step): fresh noise."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
+    classify = model.digit_classes or model.token_classes
     for step in range(steps):
         t, t_next = ts[step], ts[step + 1]
         t_batch = torch.full((len(z),), t, device=z.device)
         last = step == steps - 1  # by its index: a shifted grid's last t can miss 1.0 by a rounding error
-        if last and model.digit_classes:
-            digits = predict(model, z, t_batch, cond, guidance, logits=True).argmax(dim=1)
-            x_hat = digit_values(digits, model.digit_classes)
+        if classify and (last or t >= argmax_from):
+            x_hat = decide(model, z, t_batch, cond, guidance)
         else:
             x_hat = predict(model, z, t_batch, cond, guidance)
         if trajectory is not None:
             trajectory.append((t, z, x_hat))
-        z = x_hat if last else x_hat + (1 - t_next) / (1 - t) * (z - x_hat)
+        if last:
+            z = x_hat
+            continue
+        eps = (z - t * x_hat) / (1 - t)
+        var = 0.0
+        if eta > 0:  # the posterior's variance: sigma_{t->s}^2 * sigma_s^2 / sigma_t^2, with sigma = 1 - t
+            a = t / t_next
+            var = eta ** 2 * ((1 - t) ** 2 - a ** 2 * (1 - t_next) ** 2) * (1 - t_next) ** 2 / (1 - t) ** 2
+        z = t_next * x_hat + math.sqrt(max((1 - t_next) ** 2 - var, 0)) * eps
+        if var > 0:
+            z = z + math.sqrt(var) * step_noise(step).to(z.device)
     return z
 
 
-def sample_noise(seed, first, n, side):
+def sample_noise(seed, first, n, side, step=None):
     """Starting noise for samples first .. first+n-1: sample k's noise depends on (seed, k) alone, so a seed
     gives the same samples on every device and in batches of any size."""
-    return torch.from_numpy(np.stack([np.random.default_rng([seed, k]).standard_normal((3, side, side),
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, k] if step is None else [seed, k, step]).standard_normal((3, side, side),
                                                                                         dtype=np.float32)
                                       for k in range(first, first + n)]))
 
 
 @torch.no_grad()
 def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0,
-             first=0, trajectory=None):
+             first=0, trajectory=None, tile=1, eta=0.0, argmax_from=1.0):
     """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers
     to prompts (token lists, one sample each). first: the index of the batch's first sample, which picks
     its noise (sample_noise). sample.py turns the ids into text."""
     side = model.grid * model.patch_size
     dev = model.pos_embed.device
-    cond = None if prompts is None else prompt_images(prompts, side, base, eot_id).to(dev)
-    noise = sample_noise(seed, first, num_samples if prompts is None else len(prompts), side).to(dev)
-    images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory)
-    return images, image_to_ids(images, base)
+    cond = None if prompts is None else prompt_images(prompts, side, base, eot_id, tile).to(dev)
+    n = num_samples if prompts is None else len(prompts)
+    noise = sample_noise(seed, first, n, side).to(dev)
+    images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory, eta, argmax_from,
+                         lambda step: sample_noise(seed, first, n, side, step))
+    return images, image_to_ids(images, base, tile)
 
 
 # -----------------------------------------------------------------------------
@@ -785,14 +865,16 @@ def build_model(checkpoint, dev):
 
 def batch_loss(net, batch, dev, autocast):
     """The loss of one micro-batch (make_batch) on the device, which draws the batch's t and noise itself."""
-    x = ids_to_image(batch['ids'].to(dev, non_blocking=True), color_base)
-    mask = batch['mask'].to(dev, non_blocking=True).view(-1, 1, img_size, img_size).float()
-    cond = None if batch['cond'] is None else ids_to_image(batch['cond'].to(dev, non_blocking=True), color_base)
+    tile = tile_of(globals())
+    x = ids_to_image(batch['ids'].to(dev, non_blocking=True), color_base, tile)
+    mask = to_grid(batch['mask'].to(dev, non_blocking=True)[..., None].float(), tile)
+    cond = None if batch['cond'] is None else ids_to_image(batch['cond'].to(dev, non_blocking=True), color_base, tile)
     gen = torch.Generator(dev).manual_seed(batch['noise_seed'])
     t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
     noise = torch.randn(x.shape, generator=gen, device=dev)
     with autocast:
-        return diffusion_loss(net, x, mask, t, noise, color_base if objective == 'digits' else 0, cond)
+        return diffusion_loss(net, x, mask, t, noise, color_base if objective == 'digits' else 0, cond,
+                              color_base ** 3 if objective == 'tokens' else 0)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pixeldlm import (diffusion_loss, generate, get_batch, ids_to_image, image_to_ids, load_checkpoint, load_meta,
-                      load_pairs, load_tokens, model_from_config, prompt_images, setup_device)
+                      load_pairs, load_tokens, model_from_config, prompt_images, setup_device, tile_of, to_grid)
 from prepare_data import get_encoding
 
 
@@ -59,13 +59,13 @@ def visible(ids, enc):
                    for c in raw.decode('utf-8', errors='replace'))
 
 
-def show_steps(trajectory, base, enc, first, width):
+def show_steps(trajectory, base, tile, enc, first, width):
     """Watch text come out of noise: for each sample, the text that every DDIM step's x_hat decodes to,
     one line per step."""
     for k in range(len(trajectory[0][1])):
         print(f"---------- sample {first + k}, step by step: the text of x_hat at each t")
         for step, (t, _, x_hat) in enumerate(trajectory, 1):
-            print(f"step {step:2d} t={t:.2f} | {visible(image_to_ids(x_hat[k:k + 1], base)[0].tolist(), enc)[:width]}")
+            print(f"step {step:2d} t={t:.2f} | {visible(image_to_ids(x_hat[k:k + 1], base, tile)[0].tolist(), enc)[:width]}")
 
 
 def note(message):  # progress of long runs goes to stderr, so stdout holds just the results
@@ -76,12 +76,12 @@ def note(message):  # progress of long runs goes to stderr, so stdout holds just
 # the quality report (--eval): does it write text?
 
 @torch.no_grad()
-def recovery_accuracy(model, ids, mask, t, noise, base, eot_id):
+def recovery_accuracy(model, ids, mask, t, noise, base, tile, eot_id):
     """Noise clean texts to time t and decode ONE x_hat: (fraction of text tokens recovered exactly,
     fraction of texts ending inside the image whose end-of-text comes back at the right place)."""
-    x = ids_to_image(ids, base)
+    x = ids_to_image(ids, base, tile)
     x_hat = model(t * x + (1 - t) * noise, torch.full((len(x),), t, device=x.device))
-    predicted = image_to_ids(x_hat, base)
+    predicted = image_to_ids(x_hat, base, tile)
     token_accuracy = (predicted == ids)[mask.bool()].float().mean().item()
 
     def first_eot(rows):
@@ -164,14 +164,14 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 
 
 @torch.no_grad()
-def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0):
+def answer_accuracy(model, enc, pairs, base, tile, steps, time_shift, guidance, n_prompts=200, seed=0):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
     token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
     _, ids = generate(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
-                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
+                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, tile=tile)
     seconds = (time.time() - clock) / len(bounds)
     exact, right, total = 0, 0, 0
     for row, (_, _, a, b) in zip(ids.tolist(), bounds):
@@ -183,8 +183,8 @@ def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prom
 
 
 @torch.no_grad()
-def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
-                   n_windows=64, n_samples=32):
+def quality_report(model, enc, data_dir, base, tile, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
+                   n_windows=64, n_samples=32, eta=0.0, argmax_from=1.0):
     """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
     training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
     prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
@@ -194,7 +194,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
         pairs = load_pairs(data_dir, 'val', enc.eot_token)
         for w in sorted({1.0, guidance}):
             note(f"eval: answering held-out prompts with guidance w={w:g}")
-            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
+            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, tile, steps, time_shift, w, seed=seed)
     if not meta['val_tokens']:
         return report
     dev = model.pos_embed.device
@@ -206,15 +206,16 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
     t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
     note(f"eval: validation loss and token recovery on {n_windows} held-out windows")
-    report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base), mask.view(-1, 1, side, side), t, noise,
-                                        model.digit_classes).item()
+    report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base, tile), to_grid(mask[..., None].float(), tile), t, noise,
+                                        model.digit_classes, token_classes=model.token_classes).item()
     for t in (0.3, 0.5, 0.7, 0.9):
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
-                                                                                  base, enc.eot_token)
+                                                                                  base, tile, enc.eot_token)
     note(f"eval: {n_samples} samples of {steps} DDIM steps")
     clock = time.time()
-    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift)
-    report['seconds_per_sample'] = (time.time() - clock) / n_samples
+    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift, tile=tile, eta=eta,
+                             argmax_from=argmax_from)
+    report['seconds_per_sample'], report['n_samples'] = (time.time() - clock) / n_samples, n_samples
     note("eval: statistics against the training text")
     report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
     return report
@@ -246,7 +247,8 @@ def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8; in base 256 a color'
 
 
 def print_report(r, ckpt_path, seed, steps, time_shift):
-    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g})")
+    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}), "
+          f"{r.get('n_samples', 0)} samples")
     for key in [k for k in r if k.startswith('answers_w')]:
         exact, per_token, seconds = r[key]
         print(f"held-out prompts, guidance w={key[9:]:4s} exact match {exact:6.1%}, token accuracy "
@@ -273,10 +275,12 @@ def print_report(r, ckpt_path, seed, steps, time_shift):
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
-    parser.add_argument('--num_samples', type=int, default=3)
+    parser.add_argument('--num_samples', type=int, help='samples to print (default 3), or for --eval (default 32)')
     parser.add_argument('--batch_size', type=int, default=64, help='samples generated at once (memory grows with it)')
     parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
     parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
+    parser.add_argument('--eta', type=float, default=0.0, help='0: deterministic DDIM; 1: DDPM steps (fresh noise)')
+    parser.add_argument('--argmax_from', type=float, default=1.0, help='a classifying head decides colors from this t on')
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
@@ -291,7 +295,7 @@ if __name__ == '__main__':
     parser.add_argument('--data_dir', help="data for --eval (default: the checkpoint's training data)")
     args = parser.parse_args()
     for key in ('steps', 'num_samples', 'batch_size'):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} must be at least 1, not {getattr(args, key)}")
     if args.seed < 0:
         parser.error(f"--seed must be at least 0, not {args.seed}")
@@ -329,6 +333,7 @@ if __name__ == '__main__':
     enc = get_encoding(meta['encoding'])
     time_shift = config['time_shift'] if args.time_shift is None else args.time_shift
     guidance = config['guidance'] if args.guidance is None else args.guidance
+    tile = tile_of(config)
     use_bf16 = args.dtype == 'bfloat16' or (args.dtype == 'auto' and device.startswith('cuda'))
     autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -339,12 +344,13 @@ if __name__ == '__main__':
             sys.exit(f"error: {data_dir} holds {data_encoding} ids but {ckpt_path} was trained on "
                      f"{meta['encoding']} ids; give --data_dir data in the same encoding")
         with autocast:
-            report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
-                                    args.seed, args.steps, time_shift, guidance)
+            report = quality_report(model, enc, data_dir, config['color_base'], tile, config['P_mean'], config['P_std'],
+                                    args.seed, args.steps, time_shift, guidance, n_samples=args.num_samples or 32,
+                                    eta=args.eta, argmax_from=args.argmax_from)
         print_report(report, ckpt_path, args.seed, args.steps, time_shift)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
-    n_samples = args.num_samples if prompts is None else len(prompts)
+    n_samples = (args.num_samples or 3) if prompts is None else len(prompts)
     cells, clock = [], time.time()  # cells: what --png shows of each sample
     for first in range(0, n_samples, args.batch_size):  # one batch at a time: memory does not grow with n_samples
         n = min(args.batch_size, n_samples - first)
@@ -353,11 +359,11 @@ if __name__ == '__main__':
             with autocast:
                 images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token,
                                        time_shift, None if prompts is None else prompt_ids[first:first + n],
-                                       guidance, first, trajectory)
+                                       guidance, first, trajectory, tile, args.eta, args.argmax_from)
         except ValueError as e:  # a prompt too long for the condition image
             sys.exit(f"error: {e}")
         if args.show_steps:
-            show_steps(trajectory, config['color_base'], enc, first, shutil.get_terminal_size().columns - 16)
+            show_steps(trajectory, config['color_base'], tile, enc, first, shutil.get_terminal_size().columns - 16)
         for i, row in enumerate(ids.tolist(), first):
             text, n_invalid = ids_to_text(row, enc)
             about = f"{args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
@@ -371,7 +377,7 @@ if __name__ == '__main__':
             cells += [join([join([z[k], x_hat[k]], 2, 1) for z, x_hat in steps], 2, 4) for k in range(n)]
         elif args.png and prompts is not None:  # each prompt left of its answer
             side = images.shape[-1]
-            asked = to_pixels(prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token))
+            asked = to_pixels(prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token, tile))
             cells += [join([p, a], 2, 1) for p, a in zip(asked, to_pixels(images))]
         elif args.png:
             cells += list(to_pixels(images))
