@@ -65,13 +65,14 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 color_base = 256  # digits per color channel (the original design's 256); 0: the smallest base that covers the vocabulary
-objective = 'v'  # 'v': JiT's v-loss on pixel values; 'digits': cross-entropy on each channel's digit
-rope = False  # 2D rotary positions in attention (JiT's), on top of the fixed sin-cos table
-pixel_order = 'row'  # how ids fill the image: 'row' by row (the original design), or 'patch' by patch
+objective = 'v'  # 'v': JiT's v-loss on pixels; cross-entropy on each channel's 'digits', or on whole 'tokens'
+pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': the original
+rope = True  # 2D rotary positions in attention (JiT's), on top of the fixed sin-cos table
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = -0.8
 P_std = 0.8
 time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 packs them towards the clean end
+eta = 0.0  # the sampler's noise: 0 is deterministic DDIM, 1 draws each step from the DDPM posterior
 guidance = 1.0  # the sampler's classifier-free guidance scale for prompts: 1 is the plain conditional answer
 # adamw optimizer (JiT: lr 5e-5 * global_batch / 256, betas 0.9/0.95, no weight decay, no clipping)
 learning_rate = 2e-4
@@ -98,10 +99,10 @@ preset = ''  # start from a named set of values below; flags after it still win
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 presets = {
-    # a small model that learns the built-in corpus on a 2-core laptop CPU in about ten minutes (README).
-    # Data: prepare_data.py --encoding=bytes
-    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', color_base=0, objective='digits', P_mean=0.0,
-                      time_shift=8.0,
+    # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
+    # fresh noise when sampling, t centred on 0.5) were measured in README. Data: prepare_data.py --encoding=bytes
+    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', color_base=0, objective='tokens', P_mean=0.0,
+                      time_shift=8.0, eta=1.0,
                       img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1000,
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
@@ -110,7 +111,8 @@ presets = {
 # what the weights fix: a resumed or fine-tuned run takes these from its checkpoint whatever the command line says
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
 # what runs used before a key existed, so that their checkpoints still load
-LEGACY_CONFIG = {'objective': 'v', 'pixel_order': 'row', 'rope': False, 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1}
+LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
+                 'pixel_order': 'row', 'rope': False, 'eta': 0.0}
 
 
 def configure(args):
@@ -182,7 +184,7 @@ def check_config():
         require(globals()[key] >= 1, key, 'at least 1')
     for key in ('warmup_iters', 'seed', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
         require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
-    for key in ('ema_decay', 'cond_drop', 'pair_fraction'):
+    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta'):
         require(0 <= globals()[key] <= 1, key, 'between 0 and 1')
     for key in ('beta1', 'beta2'):
         require(0 <= globals()[key] < 1, key, 'at least 0 and below 1')
@@ -197,6 +199,8 @@ def check_config():
     require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
     require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
     require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
+    require(not rope or n_embd // n_head % 4 == 0, 'n_head', "such that --n_embd / --n_head is a multiple of 4 "
+            "(rotary positions; or --rope=False)")
     require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
 
 
@@ -214,7 +218,7 @@ def start_checkpoint_path():
 
 
 # -----------------------------------------------------------------------------
-# codec: token id <-> three base-b digits <-> one RGB pixel in [-1, 1], pixels in row-major order
+# codec: token id <-> three base-b digits <-> one RGB pixel in [-1, 1], ids filling the image patch by patch
 
 def digit_values(digits, base):
     """Base-b digits -> channel values, evenly spaced in [-1, 1]."""
@@ -235,7 +239,7 @@ def pixels_to_ids(pixels, base):
 
 def ids_to_image(ids, base, tile=1):
     """(B, S*S) ids -> (B, 3, S, S) image. The ids fill it tile by tile, tile x tile pixels each (row by row
-    inside a tile, tiles row by row), so that a patch of the model can hold consecutive tokens; tile 1 is row by row."""
+    inside a tile, tiles row by row), so that a patch of the model holds consecutive tokens; tile 1: row by row."""
     return to_grid(ids_to_pixels(ids, base), tile)
 
 
@@ -352,26 +356,30 @@ class JiT(nn.Module):
     """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
     goes in front of the target in the same sequence, as if the two were stacked into one tall image."""
 
-    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope=False):
+    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope=False,
+                 tile=1):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
         assert n_embd % n_head == 0 and n_embd % 4 == 0, "n_embd must be a multiple of n_head and of 4"
         self.patch_size, self.grid = patch_size, img_size // patch_size
+        self.tile = tile  # how its ids fill an image (ids_to_image), which the weights were trained for
         patch_dim = 3 * patch_size ** 2
         self.patch_embed = nn.Linear(patch_dim, n_embd)
         self.t_embed = nn.Sequential(nn.Linear(256, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
-        # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below
-        # (JiT adds 2D RoPE on top of these; at 256 patches the fixed table alone is the simpler choice)
+        # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below;
+        # rotary positions (as JiT) also tell attention how far apart two patches are, which spelling needs
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
         self.rope = rope
         if rope:
+            assert n_embd // n_head % 4 == 0, "rotary positions need a head size that is a multiple of 4"
             for name, table in zip(('rope_cos', 'rope_sin'), rope_2d(n_embd // n_head, 2 * self.grid, self.grid)):
                 self.register_buffer(name, table, persistent=False)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
         # the head regresses pixel values, or (digit_classes = b) gives logits for each channel's base-b digit
         self.digit_classes, self.token_classes = digit_classes, token_classes
-        self.final = nn.Linear(n_embd, patch_dim * max(digit_classes, 1) if not token_classes else patch_size ** 2 * token_classes)
+        self.final = nn.Linear(n_embd, patch_size ** 2 * token_classes if token_classes else
+                               patch_dim * max(digit_classes, 1))
         # init as DiT: xavier everywhere, small timestep MLP, and zeros for every adaLN and the output, so
         # each block starts as the identity and the first prediction is a flat grey image
         for m in self.modules():
@@ -446,7 +454,8 @@ def model_from_config(config):
     """The JiT that a dict of config values (this module's, or a checkpoint's) describes."""
     return JiT(config['img_size'], config['patch_size'], config['n_layer'], config['n_head'], config['n_embd'],
                digit_classes=config['color_base'] if config['objective'] == 'digits' else 0,
-               token_classes=config['color_base'] ** 3 if config['objective'] == 'tokens' else 0, rope=config['rope'])
+               token_classes=config['color_base'] ** 3 if config['objective'] == 'tokens' else 0, rope=config['rope'],
+               tile=tile_of(config))
 
 
 def timestep_embedding(t, dim=256):
@@ -523,12 +532,13 @@ def decide(model, z, t, cond, guidance):
 
 @torch.no_grad()
 def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, trajectory=None, eta=0.0,
-                argmax_from=1.0, step_noise=None):
-    """DDIM from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat and moves z to t_next:
-    deterministic (eta = 0) along the line from x_hat through z_t: z_next = x_hat + (1-t_next)/(1-t) * (z_t -
-    x_hat), the Euler step of the flow ODE; with eta = 1 a DDPM step (the posterior q(z_next | z_t, x_hat)).
-    The last step (t_next = 1) returns x_hat itself; a classifying head answers with its most likely colors
-    there (the mean of two likely digits is a third one), and from t >= argmax_from on.
+                step_noise=None):
+    """DDIM from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat and moves z to t_next,
+    keeping x_hat and the noise it implies, eps = (z_t - t*x_hat)/(1-t): z_next = t_next*x_hat + (1-t_next)*eps.
+    eta = 0 is deterministic (the Euler step of the flow ODE); eta = 1 swaps part of eps for fresh noise, so
+    that z_next is drawn from the posterior q(z_next | z_t, x = x_hat), a DDPM step (step_noise(step) gives it).
+    The last step (t_next = 1) returns x_hat itself; a classifying head answers there with its most likely
+    colors (the mean of two likely digits is a third one).
     The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift):
     with s > 1 more steps fall late, where the colors are decided. cond: one prompt image per sample,
     answered with guidance scale `guidance` (see predict). trajectory: a list that gets (t, z_t, x_hat)
@@ -541,7 +551,7 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
         t, t_next = ts[step], ts[step + 1]
         t_batch = torch.full((len(z),), t, device=z.device)
         last = step == steps - 1  # by its index: a shifted grid's last t can miss 1.0 by a rounding error
-        if classify and (last or t >= argmax_from):
+        if last and classify:
             x_hat = decide(model, z, t_batch, cond, guidance)
         else:
             x_hat = predict(model, z, t_batch, cond, guidance)
@@ -551,11 +561,9 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
             z = x_hat
             continue
         eps = (z - t * x_hat) / (1 - t)
-        var = 0.0
-        if eta > 0:  # the posterior's variance: sigma_{t->s}^2 * sigma_s^2 / sigma_t^2, with sigma = 1 - t
-            a = t / t_next
-            var = eta ** 2 * ((1 - t) ** 2 - a ** 2 * (1 - t_next) ** 2) * (1 - t_next) ** 2 / (1 - t) ** 2
-        z = t_next * x_hat + math.sqrt(max((1 - t_next) ** 2 - var, 0)) * eps
+        # eta^2 times the posterior's variance (DDIM's sigma^2), written with sigma_t = 1 - t and alpha_t = t
+        var = eta ** 2 * (1 - t_next) ** 2 * (1 - (t * (1 - t_next) / (t_next * (1 - t))) ** 2)
+        z = t_next * x_hat + math.sqrt((1 - t_next) ** 2 - var) * eps
         if var > 0:
             z = z + math.sqrt(var) * step_noise(step).to(z.device)
     return z
@@ -564,25 +572,25 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
 def sample_noise(seed, first, n, side, step=None):
     """Starting noise for samples first .. first+n-1: sample k's noise depends on (seed, k) alone, so a seed
     gives the same samples on every device and in batches of any size."""
-    return torch.from_numpy(np.stack([np.random.default_rng([seed, k] if step is None else [seed, k, step]).standard_normal((3, side, side),
-                                                                                        dtype=np.float32)
-                                      for k in range(first, first + n)]))
+    keys = [[seed, k] if step is None else [seed, k, step] for k in range(first, first + n)]
+    return torch.from_numpy(np.stack([np.random.default_rng(key).standard_normal((3, side, side), dtype=np.float32)
+                                      for key in keys]))
 
 
 @torch.no_grad()
 def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0,
-             first=0, trajectory=None, tile=1, eta=0.0, argmax_from=1.0):
+             first=0, trajectory=None, eta=0.0):
     """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers
     to prompts (token lists, one sample each). first: the index of the batch's first sample, which picks
     its noise (sample_noise). sample.py turns the ids into text."""
     side = model.grid * model.patch_size
     dev = model.pos_embed.device
-    cond = None if prompts is None else prompt_images(prompts, side, base, eot_id, tile).to(dev)
+    cond = None if prompts is None else prompt_images(prompts, side, base, eot_id, model.tile).to(dev)
     n = num_samples if prompts is None else len(prompts)
     noise = sample_noise(seed, first, n, side).to(dev)
-    images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory, eta, argmax_from,
+    images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory, eta,
                          lambda step: sample_noise(seed, first, n, side, step))
-    return images, image_to_ids(images, base, tile)
+    return images, image_to_ids(images, base, model.tile)
 
 
 # -----------------------------------------------------------------------------
@@ -868,7 +876,9 @@ def batch_loss(net, batch, dev, autocast):
     tile = tile_of(globals())
     x = ids_to_image(batch['ids'].to(dev, non_blocking=True), color_base, tile)
     mask = to_grid(batch['mask'].to(dev, non_blocking=True)[..., None].float(), tile)
-    cond = None if batch['cond'] is None else ids_to_image(batch['cond'].to(dev, non_blocking=True), color_base, tile)
+    cond = batch['cond']
+    if cond is not None:
+        cond = ids_to_image(cond.to(dev, non_blocking=True), color_base, tile)
     gen = torch.Generator(dev).manual_seed(batch['noise_seed'])
     t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
     noise = torch.randn(x.shape, generator=gen, device=dev)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pixeldlm import (diffusion_loss, generate, get_batch, ids_to_image, image_to_ids, load_checkpoint, load_meta,
-                      load_pairs, load_tokens, model_from_config, prompt_images, setup_device, tile_of, to_grid)
+                      load_pairs, load_tokens, model_from_config, prompt_images, setup_device, to_grid)
 from prepare_data import get_encoding
 
 
@@ -65,7 +65,8 @@ def show_steps(trajectory, base, tile, enc, first, width):
     for k in range(len(trajectory[0][1])):
         print(f"---------- sample {first + k}, step by step: the text of x_hat at each t")
         for step, (t, _, x_hat) in enumerate(trajectory, 1):
-            print(f"step {step:2d} t={t:.2f} | {visible(image_to_ids(x_hat[k:k + 1], base, tile)[0].tolist(), enc)[:width]}")
+            text = visible(image_to_ids(x_hat[k:k + 1], base, tile)[0].tolist(), enc)
+            print(f"step {step:2d} t={t:.2f} | {text[:width]}")
 
 
 def note(message):  # progress of long runs goes to stderr, so stdout holds just the results
@@ -76,7 +77,7 @@ def note(message):  # progress of long runs goes to stderr, so stdout holds just
 # the quality report (--eval): does it write text?
 
 @torch.no_grad()
-def recovery_accuracy(model, ids, mask, t, noise, base, tile, eot_id):
+def recovery_accuracy(model, ids, mask, t, noise, base, eot_id, tile=1):
     """Noise clean texts to time t and decode ONE x_hat: (fraction of text tokens recovered exactly,
     fraction of texts ending inside the image whose end-of-text comes back at the right place)."""
     x = ids_to_image(ids, base, tile)
@@ -164,14 +165,14 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 
 
 @torch.no_grad()
-def answer_accuracy(model, enc, pairs, base, tile, steps, time_shift, guidance, n_prompts=200, seed=0):
+def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
     token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
     _, ids = generate(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
-                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, tile=tile)
+                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
     seconds = (time.time() - clock) / len(bounds)
     exact, right, total = 0, 0, 0
     for row, (_, _, a, b) in zip(ids.tolist(), bounds):
@@ -183,8 +184,8 @@ def answer_accuracy(model, enc, pairs, base, tile, steps, time_shift, guidance, 
 
 
 @torch.no_grad()
-def quality_report(model, enc, data_dir, base, tile, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
-                   n_windows=64, n_samples=32, eta=0.0, argmax_from=1.0):
+def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
+                   n_windows=64, n_samples=32, eta=0.0):
     """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
     training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
     prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
@@ -194,11 +195,11 @@ def quality_report(model, enc, data_dir, base, tile, t_mean, t_std, seed, steps,
         pairs = load_pairs(data_dir, 'val', enc.eot_token)
         for w in sorted({1.0, guidance}):
             note(f"eval: answering held-out prompts with guidance w={w:g}")
-            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, tile, steps, time_shift, w, seed=seed)
+            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
     if not meta['val_tokens']:
         return report
     dev = model.pos_embed.device
-    side = model.grid * model.patch_size
+    side, tile = model.grid * model.patch_size, model.tile
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     ids, mask = map(torch.from_numpy, get_batch(load_tokens(data_dir, 'val'), rng, n_windows, side * side,
                                                  enc.eot_token))
@@ -206,15 +207,15 @@ def quality_report(model, enc, data_dir, base, tile, t_mean, t_std, seed, steps,
     t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
     note(f"eval: validation loss and token recovery on {n_windows} held-out windows")
-    report['val_loss'] = diffusion_loss(model, ids_to_image(ids, base, tile), to_grid(mask[..., None].float(), tile), t, noise,
-                                        model.digit_classes, token_classes=model.token_classes).item()
+    x, mask_image = ids_to_image(ids, base, tile), to_grid(mask[..., None].float(), tile)
+    report['val_loss'] = diffusion_loss(model, x, mask_image, t, noise, model.digit_classes,
+                                        token_classes=model.token_classes).item()
     for t in (0.3, 0.5, 0.7, 0.9):
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
-                                                                                  base, tile, enc.eot_token)
+                                                                                  base, enc.eot_token, tile)
     note(f"eval: {n_samples} samples of {steps} DDIM steps")
     clock = time.time()
-    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift, tile=tile, eta=eta,
-                             argmax_from=argmax_from)
+    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift, eta=eta)
     report['seconds_per_sample'], report['n_samples'] = (time.time() - clock) / n_samples, n_samples
     note("eval: statistics against the training text")
     report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
@@ -279,8 +280,7 @@ if __name__ == '__main__':
     parser.add_argument('--batch_size', type=int, default=64, help='samples generated at once (memory grows with it)')
     parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
     parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
-    parser.add_argument('--eta', type=float, default=0.0, help='0: deterministic DDIM; 1: DDPM steps (fresh noise)')
-    parser.add_argument('--argmax_from', type=float, default=1.0, help='a classifying head decides colors from this t on')
+    parser.add_argument('--eta', type=float, help="0: deterministic DDIM, 1: DDPM steps (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
@@ -301,6 +301,8 @@ if __name__ == '__main__':
         parser.error(f"--seed must be at least 0, not {args.seed}")
     if args.time_shift is not None and not 0 < args.time_shift < math.inf:
         parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        parser.error(f"--eta must be between 0 and 1, not {args.eta}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance must be finite, not {args.guidance}")
     if args.png and (os.path.isdir(args.png) or not os.path.isdir(os.path.dirname(os.path.abspath(args.png)))):
@@ -333,7 +335,8 @@ if __name__ == '__main__':
     enc = get_encoding(meta['encoding'])
     time_shift = config['time_shift'] if args.time_shift is None else args.time_shift
     guidance = config['guidance'] if args.guidance is None else args.guidance
-    tile = tile_of(config)
+    tile = model.tile
+    eta = config['eta'] if args.eta is None else args.eta
     use_bf16 = args.dtype == 'bfloat16' or (args.dtype == 'auto' and device.startswith('cuda'))
     autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -344,9 +347,9 @@ if __name__ == '__main__':
             sys.exit(f"error: {data_dir} holds {data_encoding} ids but {ckpt_path} was trained on "
                      f"{meta['encoding']} ids; give --data_dir data in the same encoding")
         with autocast:
-            report = quality_report(model, enc, data_dir, config['color_base'], tile, config['P_mean'], config['P_std'],
+            report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
                                     args.seed, args.steps, time_shift, guidance, n_samples=args.num_samples or 32,
-                                    eta=args.eta, argmax_from=args.argmax_from)
+                                    eta=eta)
         print_report(report, ckpt_path, args.seed, args.steps, time_shift)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
@@ -359,7 +362,7 @@ if __name__ == '__main__':
             with autocast:
                 images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token,
                                        time_shift, None if prompts is None else prompt_ids[first:first + n],
-                                       guidance, first, trajectory, tile, args.eta, args.argmax_from)
+                                       guidance, first, trajectory, eta)
         except ValueError as e:  # a prompt too long for the condition image
             sys.exit(f"error: {e}")
         if args.show_steps:
@@ -377,7 +380,8 @@ if __name__ == '__main__':
             cells += [join([join([z[k], x_hat[k]], 2, 1) for z, x_hat in steps], 2, 4) for k in range(n)]
         elif args.png and prompts is not None:  # each prompt left of its answer
             side = images.shape[-1]
-            asked = to_pixels(prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token, tile))
+            asked = to_pixels(prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token,
+                                            tile))
             cells += [join([p, a], 2, 1) for p, a in zip(asked, to_pixels(images))]
         elif args.png:
             cells += list(to_pixels(images))

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import pixeldlm
 import prepare_data
 import sample
-from pixeldlm import JiT, ddim_sample, diffusion_loss, generate, ids_to_image, image_to_ids, mask_after_eot
+from pixeldlm import (JiT, ddim_sample, diffusion_loss, from_grid, generate, ids_to_image, image_to_ids, mask_after_eot,
+                      to_grid)
 from prepare_data import get_encoding
 from sample import ids_to_text, text_part
 
@@ -86,6 +87,23 @@ def test_codec_uses_the_original_designs_digits_row_major():
     assert digits[0, :, 0, 2].tolist() == [0, 1, 0]
     assert digits[0, :, 1, 0].tolist() == [0, 0, 1]  # row-major: the 4th id starts the second row
     assert digits[0, :, 1, 1].tolist() == [100257 % 256, 100257 // 256 % 256, 1]
+
+
+def test_patch_order_puts_consecutive_ids_in_each_patch_and_round_trips():
+    ids = torch.arange(64)[None]
+    image = ids_to_image(ids, 256, tile=2)
+    digits = ((image + 1) / 2 * 255).round().long()[0, 0]  # R: the id itself
+    assert digits[:2, :2].flatten().tolist() == [0, 1, 2, 3]  # the first patch: ids 0-3, row by row inside
+    assert digits[:2, 2:4].flatten().tolist() == [4, 5, 6, 7]  # the next patch to the right
+    assert digits[2:4, :2].flatten().tolist() == [16, 17, 18, 19]  # the second row of patches
+    model = JiT(img_size=8, patch_size=2, n_layer=1, n_head=2, n_embd=32)
+    assert model.patchify(image)[0, :, :4].mul(127.5).add(127.5).round().long().flatten().tolist() == list(range(64))
+    for tile in (1, 2, 4, 8):
+        some = torch.randint(0, 343, (3, 64))
+        assert torch.equal(image_to_ids(ids_to_image(some, 7, tile), 7, tile), some)
+        mask = torch.rand(3, 64) > 0.5  # a mask goes through the same places as its ids
+        assert torch.equal(from_grid(to_grid(mask[..., None].float(), tile), tile)[..., 0].bool(), mask)
+    assert torch.equal(ids_to_image(ids, 256, tile=1), ids_to_image(ids, 256))  # tile 1: the original row order
 
 
 def test_decoding_rounds_to_the_nearest_color_and_clamps():
@@ -237,7 +255,7 @@ def test_digit_cross_entropy_ignores_padding_and_rewards_the_right_digits(enc):
 
 class FixedPrediction(torch.nn.Module):
     """A stand-in denoiser that returns a given x_hat and records what it was asked."""
-    digit_classes = 0
+    digit_classes, token_classes = 0, 0
 
     def __init__(self, x_hat):
         super().__init__()
@@ -292,7 +310,7 @@ def test_ddim_step_is_the_update_from_t_to_s():
     torch.manual_seed(0)
     x_hats = [torch.randn(1, 3, 4, 4) for _ in range(4)]
     class Scripted(torch.nn.Module):  # returns a different x_hat at each call
-        digit_classes = 0
+        digit_classes, token_classes = 0, 0
 
         def forward(self, z, t, cond=None, logits=False):
             return x_hats[int(round(t[0].item() * 4))]
@@ -315,10 +333,82 @@ def test_time_shift_moves_the_grid_towards_the_clean_end():
     assert ts == sorted(ts) and ts[1] > u[1]
 
 
+def test_rotary_positions_make_attention_depend_on_the_offset_alone():
+    cos, sin = pixeldlm.rope_2d(16, 6, 6)  # a 6x6 grid of positions, head size 16
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(i, j):  # q at position i attends to k at position j
+        return (pixeldlm.rotate(q, cos[i], sin[i]) @ pixeldlm.rotate(k, cos[j], sin[j])).item()
+    assert score(0, 7) == pytest.approx(score(14, 21), abs=1e-5)  # the same offset (1 row, 1 column) elsewhere
+    assert score(0, 7) != pytest.approx(score(0, 8), abs=1e-3)
+    assert pixeldlm.rotate(q, cos[9], sin[9]).norm() == pytest.approx(q.norm())
+    torch.manual_seed(0)
+    plain, rotary = JiT(8, 2, 2, 2, 32), JiT(8, 2, 2, 2, 32, rope=True)
+    rotary.load_state_dict(plain.state_dict())  # the same weights: rotary positions add no parameters
+    with torch.no_grad():
+        for p in rotary.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        plain.load_state_dict(rotary.state_dict())
+    z, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    assert not torch.allclose(plain(z, t), rotary(z, t), atol=1e-4)
+
+
+def test_a_token_head_predicts_the_expected_color_of_its_ids_and_answers_with_the_likeliest():
+    torch.manual_seed(0)
+    model = JiT(img_size=4, patch_size=2, n_layer=1, n_head=2, n_embd=32, token_classes=7 ** 3)
+    with torch.no_grad():
+        model.final.bias.normal_()
+    z, t = torch.randn(1, 3, 4, 4), torch.rand(1)
+    logits = model(z, t, logits=True)
+    assert logits.shape == (1, 343, 4, 4)
+    colors = pixeldlm.ids_to_pixels(torch.arange(343), 7).T  # (3, 343): the color of every id
+    expected = torch.einsum('bvhw,cv->bchw', logits.softmax(dim=1), colors)
+    assert torch.allclose(model(z, t), expected, atol=1e-6)
+    ids = torch.randint(0, 343, (1, 16))
+    x, mask = ids_to_image(ids, 7), torch.ones(1, 1, 4, 4)
+    mask[..., 3, :] = 0  # padding counts zero
+    noise = torch.randn(1, 3, 4, 4)
+    loss = diffusion_loss(model, x, mask, t, noise, token_classes=343)
+    z = t * x + (1 - t) * noise
+    targets = image_to_ids(x, 7).view(1, 4, 4)
+    by_pixel = F.cross_entropy(model(z, t, logits=True), targets, reduction='none')
+    assert loss.item() == pytest.approx(by_pixel[0, :3].mean().item(), rel=1e-5)
+    noise = torch.randn(1, 3, 4, 4)
+    out = ddim_sample(model, noise, steps=1)  # one step, the last: from pure noise straight to an answer
+    likeliest = model(noise, torch.zeros(1), logits=True).argmax(dim=1)  # (1, 4, 4) ids
+    assert torch.equal(out, pixeldlm.ids_to_pixels(likeliest, 7).permute(0, 3, 1, 2))  # whole tokens, no means
+
+
+def test_eta_one_draws_each_step_from_the_ddpm_posterior():
+    torch.manual_seed(0)
+    x, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
+    fresh = [torch.randn(1, 3, 4, 4) for _ in range(3)]
+    model = FixedPrediction(x)
+    ddim_sample(model, noise, steps=4, eta=1.0, step_noise=lambda step: fresh[step])
+    (z0, _), (z1, _), (z2, _), _ = model.calls
+    assert torch.equal(z0, noise)
+    assert torch.allclose(z1, 0.25 * x + 0.75 * fresh[0], atol=1e-6)  # leaving t = 0, nothing of the start is kept
+    t, s = 0.25, 0.5  # the posterior of z_s given z_t and x, for z_t = t*x + (1-t)*noise, written out on its own
+    var_ts = (1 - t) ** 2 - (t / s) ** 2 * (1 - s) ** 2  # the noise that goes in between s and t
+    mean = (t / s) * (1 - s) ** 2 / (1 - t) ** 2 * z1 + s * var_ts / (1 - t) ** 2 * x
+    var = var_ts * (1 - s) ** 2 / (1 - t) ** 2
+    assert torch.allclose(z2, mean + math.sqrt(var) * fresh[1], atol=1e-5)
+
+
+def test_sampling_with_fresh_noise_is_seeded_per_sample(enc):
+    model = tiny_model(randomize=True)
+    a = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token, eta=1.0)
+    b = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token, eta=1.0)
+    later = generate(model, num_samples=2, steps=5, seed=7, base=256, eot_id=enc.eot_token, first=1, eta=1.0)
+    still = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token)
+    assert torch.equal(a[0], b[0]) and torch.allclose(later[0], a[0][1:], atol=1e-5)
+    assert not torch.allclose(a[0], still[0])  # the fresh noise changes the path
+
+
 def test_a_digit_head_answers_with_its_most_likely_digit_not_the_mean():
     # half-sure between digits 0 and 6 (base 7): the mean color is digit 3, a token neither hypothesis holds
     class TwoMinded(torch.nn.Module):
-        digit_classes = 7
+        digit_classes, token_classes = 7, 0
 
         def forward(self, z, t, cond=None, logits=False):
             scores = torch.full((1, 7, 3, 2, 2), -9.0)
@@ -673,7 +763,7 @@ pixeldlm.configure(sys.argv[1:])
 model = pixeldlm.train()
 trained = seen[0][:1]  # the first prompt image of the first training step
 enc = prepare_data.get_encoding('bytes')
-ids = pixeldlm.image_to_ids(trained, 7)[0].tolist()
+ids = pixeldlm.image_to_ids(trained, 7, model.tile)[0].tolist()  # as the model fills images
 text = enc.decode(ids[:ids.index(enc.eot_token)])
 seen.clear()  # now the same prompt as a user types it, encoded the way sample.py encodes it
 pixeldlm.generate(model.eval(), 1, 2, 0, 7, enc.eot_token, prompts=[enc.encode_ordinary(text)])
@@ -748,7 +838,7 @@ def test_answer_accuracy_is_perfect_for_a_copier_and_zero_for_a_model_that_ignor
     enc = get_encoding('bytes')
 
     class Copier(torch.nn.Module):  # x_hat = the prompt image, or flat grey without one
-        digit_classes, grid, patch_size, pos_embed = 0, 4, 2, torch.zeros(1)
+        digit_classes, token_classes, grid, patch_size, tile, pos_embed = 0, 0, 4, 2, 1, torch.zeros(1)
 
         def forward(self, z, t, cond=None, logits=False):
             out = torch.zeros_like(z)
@@ -945,7 +1035,7 @@ def test_two_nodes_train_exactly_what_one_process_trains(data_dir, tmp_path):
 
 def test_the_last_step_is_chosen_by_its_index_for_any_time_shift():
     class TwoMinded(torch.nn.Module):  # half-sure between digits 0 and 6: the mean color would be digit 3
-        digit_classes = 7
+        digit_classes, token_classes = 7, 0
 
         def forward(self, z, t, cond=None, logits=False):
             scores = torch.full((len(z), 7, 3, 2, 2), -9.0)
@@ -1111,6 +1201,10 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--img_size=7', '--patch_size=2'], '--img_size=7 is out of range: it must be a multiple of --patch_size=2'),
     (['--n_embd=30', '--n_head=4'], '--n_embd=30 is out of range'),
     (['--objective=x'], "--objective='x' is out of range"),
+    (['--objective=tokens', '--color_base=256'], "'tokens' only with color_base ** 3 <= 4096"),
+    (['--pixel_order=columns'], "--pixel_order='columns' is out of range"),
+    (['--n_embd=24', '--n_head=4'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
+    (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1129,6 +1223,7 @@ def test_bad_values_are_one_line_errors_before_anything_starts(data_dir, tmp_pat
     (['--time_shift=0'], '--time_shift must be a finite number > 0'),
     (['--batch_size=0'], '--batch_size must be at least 1'),
     (['--num_samples=0'], '--num_samples must be at least 1'),
+    (['--eta=-0.5'], '--eta must be between 0 and 1'),
     (['--device=banana'], 'is not a device'),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1180,7 +1275,7 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint(trained, tmp_path):
 
 def test_checkpoints_from_before_a_config_key_existed_still_load(trained, data_dir, tmp_path):
     checkpoint = load(trained / 'ckpt.pt')
-    for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop'):  # added in later versions
+    for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta'):
         del checkpoint['config'][key]
     (tmp_path / 'old').mkdir()
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
@@ -1188,7 +1283,8 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(trained, data_d
     run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/tuned', '--max_iters=1',
         f'--init_from={tmp_path}/old/ckpt.pt')
     run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
-    assert load(tmp_path / 'old/ckpt.pt')['config']['objective'] == 'v'
+    resumed = load(tmp_path / 'old/ckpt.pt')['config']  # added in later versions: what those runs used
+    assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta']) == ('v', 'row', False, 0.0)
     checkpoint['config']['self_cond'] = True  # a feature that left the code
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     proc = run('sample.py', f'--out_dir={tmp_path}/old', check=False)
@@ -1246,7 +1342,7 @@ def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp
     assert (width, height) == ((3 * (8 + 1 + 8) + 2 * 4) * 8, (2 * 8 + 4) * 8)  # z_t | x_hat per step, per sample
     enc = get_encoding('bytes')  # what a line shows: the text of that step's x_hat, kept on one line
     x = ids_to_image(torch.tensor([list(b'hi\tthere\nyou') + [300] + [256] * 51]), 7)
-    sample.show_steps([(0.0, torch.randn_like(x), x * 0), (0.5, torch.randn_like(x), x)], 7, enc, first=4, width=80)
+    sample.show_steps([(0.0, torch.randn_like(x), x * 0), (0.5, torch.randn_like(x), x)], 7, 1, enc, first=4, width=80)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith('---------- sample 4') and lines[2] == 'step  2 t=0.50 | hi→there↵you·'
 
