@@ -3,7 +3,7 @@ PixelDLM: a pixel diffusion language model in one file.
 
 Text -> token ids (tiktoken) -> one RGB pixel per token -> a square image (64x64 holds 4096 tokens)
 -> a plain Vision Transformer (JiT-B/4) learns to recover the clean image from a noisy one
--> a deterministic DDIM sampler turns Gaussian noise into an image -> pixels -> ids -> text.
+-> a DDIM sampler turns Gaussian noise into an image -> pixels -> ids -> text.
 
 Read top to bottom: config, codec, model, diffusion (loss and sampler), data, training loop.
 
@@ -194,7 +194,8 @@ def check_config():
         require(-math.inf < globals()[key] < math.inf, key, 'finite')
     require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base that covers the vocabulary) or >= 2')
     require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
-    require(objective != 'tokens' or color_base ** 3 <= 4096, 'objective', "'tokens' only with color_base ** 3 <= 4096")
+    require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
+            "(a softmax over color_base ** 3 ids per pixel)")
     require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")
     require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
     require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
@@ -218,7 +219,8 @@ def start_checkpoint_path():
 
 
 # -----------------------------------------------------------------------------
-# codec: token id <-> three base-b digits <-> one RGB pixel in [-1, 1], ids filling the image patch by patch
+# codec: token id <-> three base-b digits <-> one RGB pixel in [-1, 1]; ids fill an image row by row, or tile by
+# tile (pixel_order='patch': tile = patch_size, so each patch of the model holds consecutive tokens)
 
 def digit_values(digits, base):
     """Base-b digits -> channel values, evenly spaced in [-1, 1]."""
@@ -319,7 +321,8 @@ def rotate(x, cos, sin):  # rotary positions: each pair of channels (i, i + d/2)
 
 
 def rope_2d(head_dim, rows, cols):
-    """Angles of 2D rotary positions: half the channel pairs turn with the row, half with the column."""
+    """Angles of 2D rotary positions: half the channel pairs turn with the row, half with the column. Base 100,
+    not the 10000 of long sequences: over a grid of at most 32 rows most pairs would then hardly turn."""
     omega = 1.0 / 100 ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij')
     angles = torch.cat([r.flatten()[:, None] * omega, c.flatten()[:, None] * omega], dim=1)
@@ -354,7 +357,8 @@ class Block(nn.Module):
 
 class JiT(nn.Module):
     """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
-    goes in front of the target in the same sequence, as if the two were stacked into one tall image."""
+    goes in front of the target in the same sequence, as if the two were stacked into one tall image.
+    model_from_config builds it from a run's config; its own defaults are the original design's plain model."""
 
     def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope=False,
                  tile=1):
@@ -376,8 +380,12 @@ class JiT(nn.Module):
                 self.register_buffer(name, table, persistent=False)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
-        # the head regresses pixel values, or (digit_classes = b) gives logits for each channel's base-b digit
+        # the head regresses pixel values, or (digit_classes = b) gives logits for each channel's base-b digit, or
+        # (token_classes = b**3) logits for every color, that is every id
         self.digit_classes, self.token_classes = digit_classes, token_classes
+        if token_classes:
+            colors = ids_to_pixels(torch.arange(token_classes), round(token_classes ** (1 / 3)))
+            self.register_buffer('token_colors', colors, persistent=False)  # (V, 3): the color of each id
         self.final = nn.Linear(n_embd, patch_size ** 2 * token_classes if token_classes else
                                patch_dim * max(digit_classes, 1))
         # init as DiT: xavier everywhere, small timestep MLP, and zeros for every adaLN and the output, so
@@ -410,8 +418,8 @@ class JiT(nn.Module):
         """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean prompt images (B_c, 3, H, W) for the first
         B_c <= B samples; the other samples have no condition (text, or a dropped prompt) and run on their
         target patches alone: no compute goes to empty condition slots, and no attention mask is needed.
-        Returns x_hat (B, 3, H, W); a digit head returns the expected color of its digits, or with logits=True
-        the digit logits (B, digit_classes, 3, H, W)."""
+        Returns x_hat (B, 3, H, W); a classifying head returns the expected color, or with logits=True its
+        logits: (B, digit_classes, 3, H, W) for digits, (B, token_classes, H, W) for tokens."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         c = F.silu(self.t_embed(timestep_embedding(t)))
@@ -427,14 +435,12 @@ class JiT(nn.Module):
         shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
             x = self.final(modulate(rms_norm(x.float()), shift, scale))
-        if self.token_classes:
-            B, V, p, g = len(x), self.token_classes, self.patch_size, self.grid
-            token_logits = x.view(B, g, g, V, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, V, g * p, g * p)
-            if logits:
-                return token_logits
-            base = round(V ** (1 / 3))
-            colors = ids_to_pixels(torch.arange(V, device=x.device), base)
-            return torch.einsum('bvhw,vc->bchw', token_logits.softmax(dim=1), colors)
+            if self.token_classes:
+                B, V, p, g = len(x), self.token_classes, self.patch_size, self.grid
+                token_logits = x.view(B, g, g, V, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, V, g * p, g * p)
+                if logits:
+                    return token_logits
+                return torch.einsum('bvhw,vc->bchw', token_logits.softmax(dim=1), self.token_colors)
         if not self.digit_classes:
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
@@ -525,8 +531,7 @@ def decide(model, z, t, cond, guidance):
     """Each pixel's most likely color under a classifying head (digit by digit, or the whole token)."""
     logits = predict(model, z, t, cond, guidance, logits=True)
     if model.token_classes:
-        V = model.token_classes
-        return ids_to_pixels(logits.argmax(dim=1), round(V ** (1 / 3))).permute(0, 3, 1, 2)
+        return model.token_colors[logits.argmax(dim=1)].permute(0, 3, 1, 2)
     return digit_values(logits.argmax(dim=1), model.digit_classes)
 
 
@@ -542,10 +547,12 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift):
     with s > 1 more steps fall late, where the colors are decided. cond: one prompt image per sample,
     answered with guidance scale `guidance` (see predict). trajectory: a list that gets (t, z_t, x_hat)
-    of every step, for watching text come out of noise (sample.py --show_steps). step_noise(step): fresh noise."""
+    of every step, for watching text come out of noise (sample.py --show_steps). step_noise(step): the fresh
+    noise of a step (generate draws it per sample)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
+    step_noise = step_noise or (lambda step: torch.randn_like(noise))
     classify = model.digit_classes or model.token_classes
     for step in range(steps):
         t, t_next = ts[step], ts[step + 1]
@@ -570,9 +577,10 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
 
 
 def sample_noise(seed, first, n, side, step=None):
-    """Starting noise for samples first .. first+n-1: sample k's noise depends on (seed, k) alone, so a seed
-    gives the same samples on every device and in batches of any size."""
-    keys = [[seed, k] if step is None else [seed, k, step] for k in range(first, first + n)]
+    """Starting noise for samples first .. first+n-1, or with `step` the fresh noise of that sampler step: sample
+    k's noise depends on (seed, k, step) alone, so a seed gives the same samples on every device and in batches
+    of any size. (1 + step: numpy pads seeds with zeros, so [seed, k, 0] would repeat the starting noise.)"""
+    keys = [[seed, k] if step is None else [seed, k, 1 + step] for k in range(first, first + n)]
     return torch.from_numpy(np.stack([np.random.default_rng(key).standard_normal((3, side, side), dtype=np.float32)
                                       for key in keys]))
 

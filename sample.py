@@ -165,14 +165,14 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 
 
 @torch.no_grad()
-def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0):
+def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, eta=0.0):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
     token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
     _, ids = generate(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
-                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance)
+                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, eta=eta)
     seconds = (time.time() - clock) / len(bounds)
     exact, right, total = 0, 0, 0
     for row, (_, _, a, b) in zip(ids.tolist(), bounds):
@@ -195,7 +195,8 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
         pairs = load_pairs(data_dir, 'val', enc.eot_token)
         for w in sorted({1.0, guidance}):
             note(f"eval: answering held-out prompts with guidance w={w:g}")
-            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed)
+            report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed,
+                                                        eta=eta)
     if not meta['val_tokens']:
         return report
     dev = model.pos_embed.device
@@ -247,9 +248,10 @@ def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8; in base 256 a color'
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
 
 
-def print_report(r, ckpt_path, seed, steps, time_shift):
-    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}), "
-          f"{r.get('n_samples', 0)} samples")
+def print_report(r, ckpt_path, seed, steps, time_shift, eta):
+    samples = f", {r['n_samples']} samples" if 'n_samples' in r else ''
+    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}, eta {eta:g})"
+          f"{samples}")
     for key in [k for k in r if k.startswith('answers_w')]:
         exact, per_token, seconds = r[key]
         print(f"held-out prompts, guidance w={key[9:]:4s} exact match {exact:6.1%}, token accuracy "
@@ -350,7 +352,7 @@ if __name__ == '__main__':
             report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
                                     args.seed, args.steps, time_shift, guidance, n_samples=args.num_samples or 32,
                                     eta=eta)
-        print_report(report, ckpt_path, args.seed, args.steps, time_shift)
+        print_report(report, ckpt_path, args.seed, args.steps, time_shift, eta)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
     n_samples = (args.num_samples or 3) if prompts is None else len(prompts)

@@ -101,8 +101,10 @@ def test_patch_order_puts_consecutive_ids_in_each_patch_and_round_trips():
     for tile in (1, 2, 4, 8):
         some = torch.randint(0, 343, (3, 64))
         assert torch.equal(image_to_ids(ids_to_image(some, 7, tile), 7, tile), some)
-        mask = torch.rand(3, 64) > 0.5  # a mask goes through the same places as its ids
-        assert torch.equal(from_grid(to_grid(mask[..., None].float(), tile), tile)[..., 0].bool(), mask)
+        assert torch.equal(from_grid(to_grid(some[..., None], tile), tile)[..., 0], some)
+        mask = (ids < 21).float()  # the text is ids 0-20: its mask lands on exactly their pixels
+        on_text = ((ids_to_image(ids, 256, tile) + 1) * 127.5).round()[:, :1] < 21  # R is the id here
+        assert torch.equal(to_grid(mask[..., None], tile).bool(), on_text)
     assert torch.equal(ids_to_image(ids, 256, tile=1), ids_to_image(ids, 256))  # tile 1: the original row order
 
 
@@ -309,17 +311,22 @@ def test_ddim_last_step_returns_x_hat_exactly_and_the_trajectory_is_the_closed_f
 def test_ddim_step_is_the_update_from_t_to_s():
     torch.manual_seed(0)
     x_hats = [torch.randn(1, 3, 4, 4) for _ in range(4)]
+    seen = []
+
     class Scripted(torch.nn.Module):  # returns a different x_hat at each call
         digit_classes, token_classes = 0, 0
 
         def forward(self, z, t, cond=None, logits=False):
+            seen.append(z)
             return x_hats[int(round(t[0].item() * 4))]
     noise = torch.randn(1, 3, 4, 4)
+    out = ddim_sample(Scripted(), noise, steps=4)
     z = noise
-    for i in range(4):
+    for i in range(4):  # every z the model is shown is the update from the step before, written out
         t, s = i / 4, (i + 1) / 4
+        assert torch.allclose(seen[i], z, atol=1e-6)
         z = x_hats[i] + (1 - s) / (1 - t) * (z - x_hats[i])
-    assert torch.allclose(ddim_sample(Scripted(), noise, steps=4), z)
+    assert torch.allclose(out, z)
     assert torch.equal(ddim_sample(Scripted(), noise, steps=4), x_hats[3])
 
 
@@ -396,6 +403,9 @@ def test_eta_one_draws_each_step_from_the_ddpm_posterior():
 
 
 def test_sampling_with_fresh_noise_is_seeded_per_sample(enc):
+    start = pixeldlm.sample_noise(7, 0, 2, 8)
+    for step in range(3):  # every step's noise is new, not the starting noise again
+        assert not torch.allclose(pixeldlm.sample_noise(7, 0, 2, 8, step), start)
     model = tiny_model(randomize=True)
     a = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token, eta=1.0)
     b = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token, eta=1.0)
@@ -1201,7 +1211,7 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--img_size=7', '--patch_size=2'], '--img_size=7 is out of range: it must be a multiple of --patch_size=2'),
     (['--n_embd=30', '--n_head=4'], '--n_embd=30 is out of range'),
     (['--objective=x'], "--objective='x' is out of range"),
-    (['--objective=tokens', '--color_base=256'], "'tokens' only with color_base ** 3 <= 4096"),
+    (['--objective=tokens', '--color_base=256'], "--color_base=256 is out of range: it must be at most 16 with"),
     (['--pixel_order=columns'], "--pixel_order='columns' is out of range"),
     (['--n_embd=24', '--n_head=4'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
     (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
