@@ -499,7 +499,8 @@ def flops_per_image(model, conditional=False):
 def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, token_classes=0):
     """JiT's v-loss on an x-prediction: ||x_pred - x||^2 / max(1-t, 0.05)^2, which is the squared error of
     the velocity (x - z)/(1-t). The clamp keeps the weight finite near t = 1 (bf16 NaNs without it).
-    A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit.
+    A digit head (digit_classes = base) is trained instead with cross-entropy on each channel's digit, a token
+    head (token_classes = base**3) with cross-entropy on the id.
     Padding pixels (mask 0) count zero; the end-of-text pixel is part of the text and counts. cond: prompt
     images, as JiT.forward takes them; a prompt itself is never a target."""
     t4 = t.view(-1, 1, 1, 1)
@@ -518,7 +519,7 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, token_c
 
 
 def predict(model, z, t, cond=None, guidance=1.0, logits=False):
-    """The model's x_hat for z at t (or its digit logits). With prompt images, classifier-free guidance:
+    """The model's x_hat for z at t (or its head's logits). With prompt images, classifier-free guidance:
     x_u + w * (x_c - x_u), where w = 1 is the plain conditional prediction and w = 0 the unconditional one.
     Both halves come from one call: the batch is z twice, prompts for the first half."""
     if cond is None or guidance == 1:
