@@ -817,7 +817,7 @@ def start_watchdog(rank, world_size, progress):
     waiting inside a collective forever. A thread in every process publishes, each second, a heartbeat and how
     far it got (progress['count']: micro-steps and evaluation batches) to the store torchrun set up. When its own
     progress stalls for collective_timeout seconds, it names the processes whose heartbeat stopped, or that are
-    behind, and ends this one. Saved checkpoints are intact: saves are atomic."""
+    behind, and ends this one. Saved checkpoints are intact: saves are atomic. Returns the thread's stop switch."""
     store = dist.distributed_c10d._get_default_store()  # torchrun's rendezvous store (a private accessor)
     keys = [f'pixeldlm/{r}' for r in range(world_size)]
 
@@ -826,8 +826,7 @@ def start_watchdog(rank, world_size, progress):
 
     def watch():
         beat, last_count, since, first_look = 0, -1, time.time(), None
-        while True:
-            time.sleep(1)
+        while not stopped.wait(1):
             beat += 1
             try:
                 store.set(keys[rank], f"{beat} {progress['count']}")
@@ -854,7 +853,13 @@ def start_watchdog(rank, world_size, progress):
                       f"{who}. Saved checkpoints are intact: continue with --init_from=resume once every process "
                       f"is back", file=sys.stderr, flush=True)
                 os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
+    stopped, thread = threading.Event(), threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def stop():  # Python 3.11 ends a daemon thread still inside a store call at exit with std::terminate (abort)
+        stopped.set()
+        thread.join(timeout=10)
+    return stop
 
 
 def build_model(checkpoint, dev):
@@ -1006,11 +1011,12 @@ def agree(problem, dev, ddp):
     return failed.item() > 0
 
 
-def finish(master, ddp, message, exit_code):
+def finish(master, stop_watchdog, message, exit_code):
     """Every process stops here together; the master says why."""
     if master:
         print(message, file=sys.stderr if exit_code else sys.stdout, flush=True)
-    if ddp:
+    if stop_watchdog:  # under DDP
+        stop_watchdog()
         dist.destroy_process_group()
     sys.exit(exit_code)
 
@@ -1051,8 +1057,7 @@ def train():
     if master:
         describe_run(model, data, dev, world_size, use_bf16, iter_num)
     progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
-    if ddp:
-        start_watchdog(rank, world_size, progress)
+    stop_watchdog = start_watchdog(rank, world_size, progress) if ddp else None
     for name in ('SIGTERM', 'SIGUSR1'):  # noted here, acted on at the end of the iteration
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
@@ -1075,8 +1080,8 @@ def train():
             dist.all_reduce(shared)
         lossf, grad_normf, stop = (shared / world_size).tolist()
         if not (math.isfinite(lossf) and math.isfinite(grad_normf)):
-            finish(master, ddp, f"error: iteration {iter_num}: loss {lossf}, gradient norm {grad_normf}: the "
-                                f"step was not taken and nothing was saved. {advice}", 1)
+            finish(master, stop_watchdog, f"error: iteration {iter_num}: loss {lossf}, gradient norm "
+                   f"{grad_normf}: the step was not taken and nothing was saved. {advice}", 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # a young EMA would mostly remember the random init, so its decay ramps up
@@ -1091,23 +1096,24 @@ def train():
         if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
             losses = None if stop else estimate_loss(ema, data, dev, autocast, rank, world_size, progress)
             if losses and not all(map(math.isfinite, losses.values())):
-                finish(master, ddp, f"error: iteration {iter_num}: the EMA weights give losses {losses}: "
-                                    f"nothing was saved. {advice}", 1)
+                finish(master, stop_watchdog, f"error: iteration {iter_num}: the EMA weights give losses "
+                       f"{losses}: nothing was saved. {advice}", 1)
             problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
                                        'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': data['meta'],
                                        'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else ''
             if agree(problem, dev, ddp):  # the others wait here until the master has saved
-                finish(master, ddp, f"error: iteration {iter_num}: {problem}; the previous checkpoint is as it "
-                                    f"was", 1)
+                finish(master, stop_watchdog, f"error: iteration {iter_num}: {problem}; the previous checkpoint "
+                       f"is as it was", 1)
             if master and losses:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(EMA weights), saved {ckpt_path}")
             if stop:
                 name = signal.Signals(stop_signals[0]).name if stop_signals else 'a signal to another process'
-                finish(master, ddp, f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue with "
-                                    f"--init_from=resume", 0)
+                finish(master, stop_watchdog, f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue "
+                       f"with --init_from=resume", 0)
             meter = new_meter()  # evaluation is not timed
     if ddp:
+        stop_watchdog()
         dist.destroy_process_group()
     return model
 

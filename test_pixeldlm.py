@@ -1134,6 +1134,27 @@ def test_sigusr1_to_one_process_under_torchrun_stops_them_all_after_one_save(dat
     assert_same_tensors(resumed['ema'], straight['ema'])
 
 
+def test_a_process_ends_cleanly_while_its_watchdog_talks_to_the_store(tmp_path):
+    # Python ends a daemon thread that is inside a store call at exit with std::terminate: the process aborts
+    # and torchrun reports a failure after a good save. finish() must stop the watchdog first.
+    code = f"""if True:
+        import sys, time, torch.distributed as dist, pixeldlm
+        dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)
+        store = dist.distributed_c10d._get_default_store()
+        class Busy:  # a heartbeat that spends two seconds inside store calls
+            def set(self, key, value):
+                end = time.time() + 2
+                while time.time() < end:
+                    store.set(key, value)
+        dist.distributed_c10d._get_default_store = Busy
+        stop_watchdog = pixeldlm.start_watchdog(0, 1, {{'count': 0, 'iter': 0}})
+        time.sleep(1.5)  # inside the first heartbeat
+        pixeldlm.finish(True, stop_watchdog, 'stopped', 0)
+    """
+    proc = run('-c', code, check=False)
+    assert proc.returncode == 0 and proc.stdout == 'stopped\n', proc.out
+
+
 def test_a_frozen_process_stops_the_others_with_its_rank_named(data_dir, tmp_path):
     proc = start('-m torch.distributed.run --standalone --nproc_per_node=2 pixeldlm.py', *TINY,
                  f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=100000',
