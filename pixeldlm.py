@@ -64,7 +64,7 @@ patch_size = 4
 n_layer = 12
 n_head = 12
 n_embd = 768
-color_base = 256  # digits per color channel (the original design's 256); 0: the smallest base that covers the vocabulary
+color_base = 256  # digits per color channel (the original design's); 0: the smallest base that covers the vocabulary
 objective = 'v'  # 'v': JiT's v-loss on pixels; cross-entropy on each channel's 'digits', or on whole 'tokens'
 pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': the original
 rope = True  # 2D rotary positions in attention (JiT's), on top of the fixed sin-cos table
@@ -192,7 +192,7 @@ def check_config():
         require(0 < globals()[key] < math.inf, key, 'a finite number > 0')
     for key in ('P_mean', 'guidance'):
         require(-math.inf < globals()[key] < math.inf, key, 'finite')
-    require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base that covers the vocabulary) or >= 2')
+    require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base for the vocabulary) or >= 2')
     require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
     require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
             "(a softmax over color_base ** 3 ids per pixel)")
@@ -203,6 +203,9 @@ def check_config():
     require(not rope or n_embd // n_head % 4 == 0, 'n_head', "such that --n_embd / --n_head is a multiple of 4 "
             "(rotary positions; or --rope=False)")
     require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
+    processes = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's
+    require(gradient_accumulation_steps % processes == 0, 'gradient_accumulation_steps',
+            f"a multiple of the number of processes ({processes}), which share out its micro-steps")
 
 
 def start_checkpoint_path():
@@ -919,7 +922,8 @@ def estimate_loss(ema, data, dev, autocast, rank, world_size, progress):
 
 def duration(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    hours, minutes = seconds // 3600, seconds % 3600 // 60
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s"
 
 
 def claim_out_dir():
@@ -944,9 +948,13 @@ def claim_out_dir():
 
 
 def setup_processes(ddp, local_rank):
-    """This process's device, and under torchrun the process group. Its timeout comes after the watchdog's,
-    which says who is missing."""
+    """This process's device and its autocast (bf16 or none), and under torchrun the process group (its timeout
+    comes after the watchdog's, which says who is missing). SIGTERM and SIGUSR1 are noted, and acted on at the
+    end of the iteration."""
     dev = setup_device(device, local_rank, ddp)
+    device_type = dev.split(':')[0]
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     if dev.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -954,16 +962,20 @@ def setup_processes(ddp, local_rank):
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo',
                                 timeout=timedelta(seconds=collective_timeout + 60),
                                 device_id=torch.device(dev) if dev.startswith('cuda') else None)
-    return dev
+    for name in ('SIGTERM', 'SIGUSR1'):
+        if hasattr(signal, name):  # not on Windows
+            signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
+    return dev, autocast
 
 
-def describe_run(model, data, dev, world_size, use_bf16, iter_num):
+def describe_run(model, data, dev, world_size, autocast, iter_num):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
           f"{patch_size}, {data['meta']['encoding']} ids in base {color_base}")
-    print(f"device {dev} x {world_size} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}, global "
-          f"batch {batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} "
-          f"micro-steps, from iter {iter_num}")
+    precision = 'bf16 autocast' if isinstance(autocast, torch.autocast) else 'fp32'
+    print(f"device {dev} x {world_size} process(es), {precision}, global batch "
+          f"{batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} micro-steps, "
+          f"from iter {iter_num}")
     if data['n_pairs']:
         print(f"data: {data['meta']['train_pairs']:,} prompt/answer pairs, {data['n_pairs']} per micro-batch, prompt "
               f"dropped {cond_drop:.0%} of the time"
@@ -1028,14 +1040,10 @@ def new_meter():
 def train():
     """nanoGPT's loop, over one process or torchrun's, with EMA weights. Nothing is lost on a NaN, a signal,
     or a process that stops answering. Returns the model (its last weights; the EMA's are in the checkpoint)."""
-    # processes: one, or one of several started by torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE)
-    ddp = 'RANK' in os.environ
+    ddp = 'RANK' in os.environ  # one of several processes started by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE)
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     master = rank == 0
-    if gradient_accumulation_steps % world_size:
-        sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
-                 f"the number of processes ({world_size})")
     accum_steps = gradient_accumulation_steps // world_size
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     lock = claim_out_dir() if master else None  # held until this process ends
@@ -1045,25 +1053,19 @@ def train():
         print(f"{ckpt_path} is at iteration {checkpoint['iter_num']} already (max_iters={max_iters}); nothing to "
               f"do, raise --max_iters to train on")
         return None
-    dev = setup_processes(ddp, local_rank)
-    device_type = dev.split(':')[0]
-    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    dev, autocast = setup_processes(ddp, local_rank)
     model, ema, optimizer, iter_num = build_model(checkpoint, dev)
     checkpoint = None  # free it
     train_model = torch.compile(model) if compile else model
     if ddp:
-        train_model = DDP(train_model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
+        train_model = DDP(train_model, device_ids=[torch.device(dev).index] if dev.startswith('cuda') else None)
     if master:
-        describe_run(model, data, dev, world_size, use_bf16, iter_num)
+        describe_run(model, data, dev, world_size, autocast, iter_num)
     progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
     stop_watchdog = start_watchdog(rank, world_size, progress) if ddp else None
-    for name in ('SIGTERM', 'SIGUSR1'):  # noted here, acted on at the end of the iteration
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
 
     keys = ((0, it, rank * accum_steps + micro) for it in range(iter_num, max_iters) for micro in range(accum_steps))
-    batches = prefetch(lambda key: make_batch(data, 'train', key, pin=device_type == 'cuda'), keys)
+    batches = prefetch(lambda key: make_batch(data, 'train', key, pin=dev.startswith('cuda')), keys)
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
     flops = flops_per_image(model), flops_per_image(model, conditional=True)  # without, with a prompt
     advice = f"Try a lower --learning_rate (now {learning_rate:g}) or --grad_clip=1, then --init_from=resume"

@@ -1248,6 +1248,14 @@ def test_bad_values_are_one_line_errors_before_anything_starts(data_dir, tmp_pat
     assert len(proc.out.strip().splitlines()) == 1 and not (tmp_path / 'out/ckpt.pt').exists()
 
 
+def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_before_anything_starts(data_dir,
+                                                                                                      tmp_path):
+    proc = run('-m torch.distributed.run --standalone --nproc_per_node=2 pixeldlm.py', *TINY, f'--data_dir={data_dir}',
+               f'--out_dir={tmp_path}/out', '--gradient_accumulation_steps=3', check=False)
+    assert proc.returncode != 0 and 'it must be a multiple of the number of processes (2)' in proc.out, proc.out
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('args, message', [
     (['--guidance=nan'], '--guidance must be finite'),
     (['--time_shift=inf'], '--time_shift must be a finite number > 0'),
