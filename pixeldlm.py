@@ -243,8 +243,7 @@ def pixels_to_ids(pixels, base):
 
 
 def ids_to_image(ids, base, tile=1):
-    """(B, S*S) ids -> (B, 3, S, S) image. The ids fill it tile by tile, tile x tile pixels each (row by row
-    inside a tile, tiles row by row), so that a patch of the model holds consecutive tokens; tile 1: row by row."""
+    """(B, S*S) ids -> (B, 3, S, S) image, filled tile by tile (to_grid); tile 1: row by row."""
     return to_grid(ids_to_pixels(ids, base), tile)
 
 
@@ -254,7 +253,8 @@ def image_to_ids(image, base, tile=1):
 
 
 def to_grid(seq, tile):
-    """(B, S*S, C) values in reading order -> (B, C, S, S), placed tile by tile."""
+    """(B, S*S, C) values in reading order -> (B, C, S, S), placed tile by tile (row by row inside a tile, tiles
+    row by row), so that with tile = patch_size a patch of the model holds consecutive tokens."""
     B, n, C = seq.shape
     g = math.isqrt(n) // tile
     return seq.reshape(B, g, g, tile, tile, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * tile, g * tile)
@@ -270,7 +270,7 @@ def from_grid(image, tile):
 def pad_texts(stream, starts, ends, n_pixels, eot_id):
     """The texts stream[starts[k]:ends[k]] -> (k, n_pixels) ids of their images: each text, its end-of-text,
     then padding (which repeats the end-of-text). A text with no room for its end-of-text is an error, never
-    cut silently. Training builds prompts and answers with this, and sampling builds prompts with it."""
+    cut silently."""
     lengths = np.asarray(ends) - np.asarray(starts)
     if len(lengths) and lengths.max() >= n_pixels:
         raise ValueError(f"a text of {lengths.max()} tokens does not fit an image of {n_pixels} pixels with its "
@@ -413,9 +413,9 @@ class JiT(nn.Module):
         B, p, g = img.shape[0], self.patch_size, self.grid
         return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
 
-    def unpatchify(self, x):  # (B, grid*grid, 3*p*p) -> (B, 3, H, W)
+    def unpatchify(self, x):  # (B, grid*grid, C*p*p) -> (B, C, H, W)
         B, p, g = x.shape[0], self.patch_size, self.grid
-        return x.reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
+        return x.reshape(B, g, g, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, -1, g * p, g * p)
 
     def forward(self, z, t, cond=None, logits=False):
         """z: (B, 3, H, W) noisy image at time t: (B,). cond: clean prompt images (B_c, 3, H, W) for the first
@@ -439,8 +439,7 @@ class JiT(nn.Module):
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
             x = self.final(modulate(rms_norm(x.float()), shift, scale))
             if self.token_classes:
-                B, V, p, g = len(x), self.token_classes, self.patch_size, self.grid
-                token_logits = x.view(B, g, g, V, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, V, g * p, g * p)
+                token_logits = self.unpatchify(x)  # (B, V, H, W)
                 if logits:
                     return token_logits
                 return torch.einsum('bvhw,vc->bchw', token_logits.softmax(dim=1), self.token_colors)
@@ -544,15 +543,12 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
                 step_noise=None):
     """DDIM from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat and moves z to t_next,
     keeping x_hat and the noise it implies, eps = (z_t - t*x_hat)/(1-t): z_next = t_next*x_hat + (1-t_next)*eps.
-    eta = 0 is deterministic (the Euler step of the flow ODE); eta = 1 swaps part of eps for fresh noise, so
-    that z_next is drawn from the posterior q(z_next | z_t, x = x_hat), a DDPM step (step_noise(step) gives it).
-    The last step (t_next = 1) returns x_hat itself; a classifying head answers there with its most likely
-    colors (the mean of two likely digits is a third one).
-    The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u) (SD3's shift, s = time_shift):
-    with s > 1 more steps fall late, where the colors are decided. cond: one prompt image per sample,
-    answered with guidance scale `guidance` (see predict). trajectory: a list that gets (t, z_t, x_hat)
-    of every step, for watching text come out of noise (sample.py --show_steps). step_noise(step): the fresh
-    noise of a step (generate draws it per sample)."""
+    eta = 0 is deterministic (the Euler step of the flow ODE); eta = 1 swaps part of eps for fresh noise
+    step_noise(step), so that z_next is drawn from the posterior q(z_next | z_t, x = x_hat), a DDPM step.
+    The last step returns x_hat itself; a classifying head answers there with its most likely colors (the mean
+    of two likely digits is a third one). The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u)
+    (SD3's shift, s = time_shift): with s > 1 more steps fall late, where the colors are decided. cond,
+    guidance: see predict. trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
@@ -569,8 +565,7 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
         if trajectory is not None:
             trajectory.append((t, z, x_hat))
         if last:
-            z = x_hat
-            continue
+            return x_hat
         eps = (z - t * x_hat) / (1 - t)
         # eta^2 times the posterior's variance (DDIM's sigma^2), written with sigma_t = 1 - t and alpha_t = t
         var = eta ** 2 * (1 - t_next) ** 2 * (1 - (t * (1 - t_next) / (t_next * (1 - t))) ** 2)
@@ -820,7 +815,7 @@ def start_watchdog(rank, world_size, progress):
     waiting inside a collective forever. A thread in every process publishes, each second, a heartbeat and how
     far it got (progress['count']: micro-steps and evaluation batches) to the store torchrun set up. When its own
     progress stalls for collective_timeout seconds, it names the processes whose heartbeat stopped, or that are
-    behind, and ends this one. Saved checkpoints are intact: saves are atomic. Returns the thread's stop switch."""
+    behind, and ends this one. Returns what ends the thread, then the process group."""
     store = dist.distributed_c10d._get_default_store()  # torchrun's rendezvous store (a private accessor)
     keys = [f'pixeldlm/{r}' for r in range(world_size)]
 
@@ -839,9 +834,7 @@ def start_watchdog(rank, world_size, progress):
                 last_count, since, first_look = progress['count'], time.time(), None
             elif time.time() - since > collective_timeout:
                 try:
-                    if first_look is None:  # look again a few heartbeats later: whose heartbeat stopped?
-                        first_look = (beat, read_all())
-                        continue
+                    first_look = first_look or (beat, read_all())  # look again 5 heartbeats later: whose stopped?
                     if beat - first_look[0] < 5:
                         continue
                     now = read_all()
@@ -862,6 +855,7 @@ def start_watchdog(rank, world_size, progress):
     def stop():  # Python 3.11 ends a daemon thread still inside a store call at exit with std::terminate (abort)
         stopped.set()
         thread.join(timeout=10)
+        dist.destroy_process_group()
     return stop
 
 
@@ -893,9 +887,7 @@ def batch_loss(net, batch, dev, autocast):
     tile = tile_of(globals())
     x = ids_to_image(batch['ids'].to(dev, non_blocking=True), color_base, tile)
     mask = to_grid(batch['mask'].to(dev, non_blocking=True)[..., None].float(), tile)
-    cond = batch['cond']
-    if cond is not None:
-        cond = ids_to_image(cond.to(dev, non_blocking=True), color_base, tile)
+    cond = None if batch['cond'] is None else ids_to_image(batch['cond'].to(dev, non_blocking=True), color_base, tile)
     gen = torch.Generator(dev).manual_seed(batch['noise_seed'])
     t = torch.sigmoid(torch.randn(len(x), generator=gen, device=dev) * P_std + P_mean)
     noise = torch.randn(x.shape, generator=gen, device=dev)
@@ -1023,13 +1015,12 @@ def agree(problem, dev, ddp):
     return failed.item() > 0
 
 
-def finish(master, stop_watchdog, message, exit_code):
+def finish(master, stop_processes, message, exit_code):
     """Every process stops here together; the master says why."""
     if master:
         print(message, file=sys.stderr if exit_code else sys.stdout, flush=True)
-    if stop_watchdog:  # under DDP
-        stop_watchdog()
-        dist.destroy_process_group()
+    if stop_processes:  # under DDP
+        stop_processes()
     sys.exit(exit_code)
 
 
@@ -1062,7 +1053,7 @@ def train():
     if master:
         describe_run(model, data, dev, world_size, autocast, iter_num)
     progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
-    stop_watchdog = start_watchdog(rank, world_size, progress) if ddp else None
+    stop_processes = start_watchdog(rank, world_size, progress) if ddp else None
 
     keys = ((0, it, rank * accum_steps + micro) for it in range(iter_num, max_iters) for micro in range(accum_steps))
     batches = prefetch(lambda key: make_batch(data, 'train', key, pin=dev.startswith('cuda')), keys)
@@ -1082,7 +1073,7 @@ def train():
             dist.all_reduce(shared)
         lossf, grad_normf, stop = (shared / world_size).tolist()
         if not (math.isfinite(lossf) and math.isfinite(grad_normf)):
-            finish(master, stop_watchdog, f"error: iteration {iter_num}: loss {lossf}, gradient norm "
+            finish(master, stop_processes, f"error: iteration {iter_num}: loss {lossf}, gradient norm "
                    f"{grad_normf}: the step was not taken and nothing was saved. {advice}", 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1098,25 +1089,24 @@ def train():
         if iter_num % eval_interval == 0 or iter_num == max_iters or stop:
             losses = None if stop else estimate_loss(ema, data, dev, autocast, rank, world_size, progress)
             if losses and not all(map(math.isfinite, losses.values())):
-                finish(master, stop_watchdog, f"error: iteration {iter_num}: the EMA weights give losses "
+                finish(master, stop_processes, f"error: iteration {iter_num}: the EMA weights give losses "
                        f"{losses}: nothing was saved. {advice}", 1)
             problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
                                        'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': data['meta'],
                                        'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else ''
             if agree(problem, dev, ddp):  # the others wait here until the master has saved
-                finish(master, stop_watchdog, f"error: iteration {iter_num}: {problem}; the previous checkpoint "
+                finish(master, stop_processes, f"error: iteration {iter_num}: {problem}; the previous checkpoint "
                        f"is as it was", 1)
             if master and losses:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(EMA weights), saved {ckpt_path}")
             if stop:
                 name = signal.Signals(stop_signals[0]).name if stop_signals else 'a signal to another process'
-                finish(master, stop_watchdog, f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue "
+                finish(master, stop_processes, f"iter {iter_num}: stopped on {name}; saved {ckpt_path}. Continue "
                        f"with --init_from=resume", 0)
             meter = new_meter()  # evaluation is not timed
     if ddp:
-        stop_watchdog()
-        dist.destroy_process_group()
+        stop_processes()
     return model
 
 

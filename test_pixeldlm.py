@@ -1147,9 +1147,9 @@ def test_a_process_ends_cleanly_while_its_watchdog_talks_to_the_store(tmp_path):
                 while time.time() < end:
                     store.set(key, value)
         dist.distributed_c10d._get_default_store = Busy
-        stop_watchdog = pixeldlm.start_watchdog(0, 1, {{'count': 0, 'iter': 0}})
+        stop_processes = pixeldlm.start_watchdog(0, 1, {{'count': 0, 'iter': 0}})
         time.sleep(1.5)  # inside the first heartbeat
-        pixeldlm.finish(True, stop_watchdog, 'stopped', 0)
+        pixeldlm.finish(True, stop_processes, 'stopped', 0)
     """
     proc = run('-c', code, check=False)
     assert proc.returncode == 0 and proc.stdout == 'stopped\n', proc.out
