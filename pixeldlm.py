@@ -5,7 +5,8 @@ Text -> token ids (tiktoken) -> one RGB pixel per token -> a square image (64x64
 -> a plain Vision Transformer (JiT-B/4) learns to recover the clean image from a noisy one
 -> a DDIM sampler turns Gaussian noise into an image -> pixels -> ids -> text.
 
-Read top to bottom: config, codec, model, diffusion (loss and sampler), data, training loop.
+Read top to bottom: config, codec, model, diffusion (loss and sampler), data, training loop; the plumbing at the
+end (command line, checkpoint files, devices, the guards of a long run) can wait for a second reading.
 
 One process (picks CUDA, else MPS, else CPU):
 $ python pixeldlm.py --preset=classroom
@@ -96,6 +97,7 @@ peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up
 collective_timeout = 600  # seconds a process waits for the others before it stops the run, naming who is missing
 preset = ''  # start from a named set of values below; flags after it still win
 # -----------------------------------------------------------------------------
+# configure() (in the plumbing at the end) applies the preset, a resumed run's saved values, then the flags
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 presets = {
@@ -113,112 +115,6 @@ MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_ba
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
                  'pixel_order': 'row', 'rope': False, 'eta': 0.0}
-
-
-def configure(args):
-    """The run's configuration, settled before anything starts: the defaults above, then the preset, then what a
-    resumed run saved (or, to fine-tune, what the weights fix), then --key=value flags; then every value is
-    checked against its range, so a bad value is one line naming the flag, never a traceback."""
-    flags, rest = [], list(args)
-    while rest:
-        arg = rest.pop(0)
-        if not arg.startswith('--'):
-            sys.exit(f"error: unexpected argument {arg!r}; config values are given as --key=value")
-        key, has_value, value = arg[2:].partition('=')
-        if not has_value:
-            if not rest:
-                sys.exit(f"error: --{key} needs a value")
-            value = rest.pop(0)
-        if key not in config_keys:
-            close = difflib.get_close_matches(key, config_keys, n=3)
-            hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ''
-            sys.exit(f"error: unknown config key --{key}{hint}; see the config block at the top of pixeldlm.py")
-        flags.append((key, value))
-    given = {}  # what the command line sets: the preset's values first, so that explicit flags override them
-    for key, value in flags:
-        if key == 'preset':
-            if value not in presets:
-                sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
-            given.update(presets[value])
-    given.update({key: parse_value(key, value) for key, value in flags})
-    globals().update(given)
-    if init_from != 'scratch':
-        checkpoint = load_checkpoint(start_checkpoint_path(), mmap=True)
-        saved = checkpoint['config']
-        settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
-        globals().update({k: saved[k] for k in settled if k in saved and k not in ('init_from', 'out_dir')})
-    meta = load_meta(data_dir) if init_from != 'scratch' or color_base == 0 else None
-    if init_from != 'scratch' and checkpoint['meta']['encoding'] != meta['encoding']:
-        sys.exit(f"error: {start_checkpoint_path()} was trained on {checkpoint['meta']['encoding']} ids but "
-                 f"{data_dir} holds {meta['encoding']} ids; give it data in the same encoding")
-    if color_base == 0:
-        globals()['color_base'] = math.ceil(meta['vocab_size'] ** (1 / 3) - 1e-9)
-    check_config()
-
-
-def parse_value(key, text):
-    default = globals()[key]
-    if isinstance(default, str):
-        return text
-    if isinstance(default, bool):
-        if text not in ('True', 'False', 'true', 'false', '1', '0'):
-            sys.exit(f"error: --{key} takes True or False, not {text!r}")
-        return text in ('True', 'true', '1')
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = float(text) if text.lower() in ('nan', 'inf', '-inf') else None  # caught as out of range below
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not type(default):
-        sys.exit(f"error: --{key} takes a {type(default).__name__} like {default!r}, not {text!r}")
-    return value
-
-
-def check_config():
-    def require(ok, key, allowed):  # comparisons with nan are False, so nan never passes
-        if not ok:
-            sys.exit(f"error: --{key}={globals()[key]!r} is out of range: it must be {allowed}")
-    for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters',
-                'max_iters', 'lr_decay_iters', 'img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd'):
-        require(globals()[key] >= 1, key, 'at least 1')
-    for key in ('warmup_iters', 'seed', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
-        require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
-    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta'):
-        require(0 <= globals()[key] <= 1, key, 'between 0 and 1')
-    for key in ('beta1', 'beta2'):
-        require(0 <= globals()[key] < 1, key, 'at least 0 and below 1')
-    for key in ('P_std', 'time_shift', 'collective_timeout'):
-        require(0 < globals()[key] < math.inf, key, 'a finite number > 0')
-    for key in ('P_mean', 'guidance'):
-        require(-math.inf < globals()[key] < math.inf, key, 'finite')
-    require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base for the vocabulary) or >= 2')
-    require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
-    require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
-            "(a softmax over color_base ** 3 ids per pixel)")
-    require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")
-    require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
-    require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
-    require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
-    require(not rope or n_embd // n_head % 4 == 0, 'n_head', "such that --n_embd / --n_head is a multiple of 4 "
-            "(rotary positions; or --rope=False)")
-    require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
-    processes = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's
-    require(gradient_accumulation_steps % processes == 0, 'gradient_accumulation_steps',
-            f"a multiple of the number of processes ({processes}), which share out its micro-steps")
-
-
-def start_checkpoint_path():
-    """The checkpoint a run starts from: out_dir/ckpt.pt to resume, or another run's to fine-tune."""
-    if init_from == 'resume':
-        path = os.path.join(out_dir, 'ckpt.pt')
-        if not os.path.exists(path):
-            sys.exit(f"error: --init_from=resume but {path} does not exist; train with --init_from=scratch first")
-        return path
-    if not os.path.isfile(init_from):
-        sys.exit(f"error: --init_from must be 'scratch', 'resume' or a checkpoint file, and {init_from!r} is none "
-                 f"of these")
-    return init_from
 
 
 # -----------------------------------------------------------------------------
@@ -747,118 +643,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def load_checkpoint(path, map_location='cpu', mmap=False):
-    """A checkpoint, checked, or one line that says why not: tensors, numbers and strings only (weights_only=True,
-    so a file can never run code), every part this version needs (a file from before a config key existed gets
-    the value its run used), and finite weights (a diverged run's are refused)."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        sys.exit(f"error: refusing to load {path}: it holds more than tensors, numbers and strings "
-                 f"({str(e).strip().splitlines()[-1]})")
-    except Exception as e:  # a truncated file, a text file, an empty one, ...
-        sys.exit(f"error: cannot read {path}: it is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
-                 f"{(str(e).splitlines() or [''])[0][:160]})")
-    needed = {'model', 'ema', 'optimizer', 'config', 'meta', 'iter_num'}
-    if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
-        sys.exit(f"error: {path} is not a PixelDLM checkpoint (it needs {', '.join(sorted(needed))})")
-    checkpoint['config'] = {**LEGACY_CONFIG, **checkpoint['config']}
-    if checkpoint['config'].get('self_cond'):
-        sys.exit(f"error: {path} was trained with self-conditioning, which left the code in 85a85de "
-                 f"(`git checkout a1550de` has it)")
-    if not all(w.isfinite().all() for w in checkpoint['ema'].values() if w.is_floating_point()):
-        sys.exit(f"error: {path} holds non-finite weights (its run diverged); use an earlier checkpoint")
-    return checkpoint
-
-
-def save_checkpoint(state, path):
-    """Atomic and durable: a temporary file of this process's own, flushed to the disk, then renamed over path,
-    so a crash or a full disk never leaves a broken ckpt.pt. Returns None, or what went wrong."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        return f"could not save {path} ({str(e).strip().splitlines()[0][:200]})"
-
-
-def setup_device(name, local_rank=0, ddp=False):
-    """--device -> the device this process uses, checked. A GPU goes by its index (torch.cuda.set_device refuses
-    a bare 'cuda'): under torchrun every process takes the GPU of its LOCAL_RANK, alone it takes GPU 0."""
-    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', name):
-        sys.exit(f"error: --device={name!r} is not a device: it must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if name == 'mps' and not torch.backends.mps.is_available():
-        sys.exit("error: --device=mps but this PyTorch sees no MPS device (Apple GPUs only); use --device=cpu")
-    if name.startswith('cuda'):
-        if not torch.cuda.is_available():
-            sys.exit(f"error: --device={name} but this PyTorch sees no CUDA GPU; use --device=cpu")
-        if name == 'cuda':
-            name = f'cuda:{local_rank}'
-        elif ddp:
-            sys.exit(f"error: --device={name}: under torchrun every process takes the GPU of its LOCAL_RANK; "
-                     f"pass --device=cuda, and pick GPUs with CUDA_VISIBLE_DEVICES")
-        if int(name[5:]) >= torch.cuda.device_count():
-            sys.exit(f"error: --device={name} but this machine has {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(name)
-    return name
-
-
-def start_watchdog(rank, world_size, progress):
-    """Under DDP a process that stops answering (stopped, hung in I/O, or on a dead node) would leave the others
-    waiting inside a collective forever. A thread in every process publishes, each second, a heartbeat and how
-    far it got (progress['count']: micro-steps and evaluation batches) to the store torchrun set up. When its own
-    progress stalls for collective_timeout seconds, it names the processes whose heartbeat stopped, or that are
-    behind, and ends this one. Returns what ends the thread, then the process group."""
-    store = dist.distributed_c10d._get_default_store()  # torchrun's rendezvous store (a private accessor)
-    keys = [f'pixeldlm/{r}' for r in range(world_size)]
-
-    def read_all():  # [(heartbeat, progress)] of every rank
-        return [tuple(map(int, store.get(k).split())) if store.check([k]) else (-1, -1) for k in keys]
-
-    def watch():
-        beat, last_count, since, first_look = 0, -1, time.time(), None
-        while not stopped.wait(1):
-            beat += 1
-            try:
-                store.set(keys[rank], f"{beat} {progress['count']}")
-            except Exception:  # the store lives with node 0; the timeout below still ends this process
-                pass
-            if progress['count'] != last_count:
-                last_count, since, first_look = progress['count'], time.time(), None
-            elif time.time() - since > collective_timeout:
-                try:
-                    first_look = first_look or (beat, read_all())  # look again 5 heartbeats later: whose stopped?
-                    if beat - first_look[0] < 5:
-                        continue
-                    now = read_all()
-                    gone = [r for r in range(world_size) if now[r][0] == first_look[1][r][0]]
-                    behind = [r for r in range(world_size) if now[r][1] < max(n[1] for n in now)]
-                    who = (f"rank {', '.join(map(str, gone))} stopped (frozen, killed, or its node is down)" if gone
-                           else f"rank {', '.join(map(str, behind))} is stuck in its own work" if behind
-                           else "every rank is waiting at the same point")
-                except Exception:
-                    who = "the store on node 0 does not answer (node 0 is down)"
-                print(f"error: rank {rank}: no progress for {collective_timeout:g} s at iteration {progress['iter']}; "
-                      f"{who}. Saved checkpoints are intact: continue with --init_from=resume once every process "
-                      f"is back", file=sys.stderr, flush=True)
-                os._exit(1)
-    stopped, thread = threading.Event(), threading.Thread(target=watch, daemon=True)
-    thread.start()
-
-    def stop():  # Python 3.11 ends a daemon thread still inside a store call at exit with std::terminate (abort)
-        stopped.set()
-        thread.join(timeout=10)
-        dist.destroy_process_group()
-    return stop
-
-
 def build_model(checkpoint, dev):
     """(model, its EMA, optimizer, iteration): fresh, resumed from a checkpoint, or (fine-tuning) started from
     its EMA weights with a fresh optimizer at iteration 0."""
@@ -916,27 +700,6 @@ def duration(seconds):
     seconds = int(seconds)
     hours, minutes = seconds // 3600, seconds % 3600 // 60
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s"
-
-
-def claim_out_dir():
-    """Before the master process writes to out_dir: one trainer per out_dir (an exclusive lock on out_dir/lock,
-    which the OS drops when the process ends, however it ends, so a crashed run never leaves it stuck; returned,
-    keep it open), no leftovers of a save that a kill interrupted, and a fresh run never overwrites a checkpoint."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, 'lock'), 'w')
-    try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        sys.exit(f"error: another trainer is using {out_dir} (it holds {out_dir}/lock); wait for it to end or "
-                 f"pick another --out_dir")
-    for name in os.listdir(out_dir):
-        if name.startswith('ckpt.pt.tmp'):
-            os.remove(os.path.join(out_dir, name))
-    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        sys.exit(f"error: {out_dir}/ckpt.pt already exists; continue it with --init_from=resume or pick another "
-                 f"--out_dir")
-    return lock
 
 
 def setup_processes(ddp, local_rank):
@@ -1108,6 +871,249 @@ def train():
     if ddp:
         stop_processes()
     return model
+
+
+# -----------------------------------------------------------------------------
+# plumbing: the command line, checkpoint files, devices, and the guards that keep a real run from losing
+# work (read the method above first; train() and configure() call these)
+
+def configure(args):
+    """The run's configuration, settled before anything starts: the defaults above, then the preset, then what a
+    resumed run saved (or, to fine-tune, what the weights fix), then --key=value flags; then every value is
+    checked against its range, so a bad value is one line naming the flag, never a traceback."""
+    flags, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith('--'):
+            sys.exit(f"error: unexpected argument {arg!r}; config values are given as --key=value")
+        key, has_value, value = arg[2:].partition('=')
+        if not has_value:
+            if not rest:
+                sys.exit(f"error: --{key} needs a value")
+            value = rest.pop(0)
+        if key not in config_keys:
+            close = difflib.get_close_matches(key, config_keys, n=3)
+            hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ''
+            sys.exit(f"error: unknown config key --{key}{hint}; see the config block at the top of pixeldlm.py")
+        flags.append((key, value))
+    given = {}  # what the command line sets: the preset's values first, so that explicit flags override them
+    for key, value in flags:
+        if key == 'preset':
+            if value not in presets:
+                sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
+            given.update(presets[value])
+    given.update({key: parse_value(key, value) for key, value in flags})
+    globals().update(given)
+    if init_from != 'scratch':
+        checkpoint = load_checkpoint(start_checkpoint_path(), mmap=True)
+        saved = checkpoint['config']
+        settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
+        globals().update({k: saved[k] for k in settled if k in saved and k not in ('init_from', 'out_dir')})
+    meta = load_meta(data_dir) if init_from != 'scratch' or color_base == 0 else None
+    if init_from != 'scratch' and checkpoint['meta']['encoding'] != meta['encoding']:
+        sys.exit(f"error: {start_checkpoint_path()} was trained on {checkpoint['meta']['encoding']} ids but "
+                 f"{data_dir} holds {meta['encoding']} ids; give it data in the same encoding")
+    if color_base == 0:
+        globals()['color_base'] = math.ceil(meta['vocab_size'] ** (1 / 3) - 1e-9)
+    check_config()
+
+
+def parse_value(key, text):
+    default = globals()[key]
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        if text not in ('True', 'False', 'true', 'false', '1', '0'):
+            sys.exit(f"error: --{key} takes True or False, not {text!r}")
+        return text in ('True', 'true', '1')
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = float(text) if text.lower() in ('nan', 'inf', '-inf') else None  # caught as out of range below
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        sys.exit(f"error: --{key} takes a {type(default).__name__} like {default!r}, not {text!r}")
+    return value
+
+
+def check_config():
+    def require(ok, key, allowed):  # comparisons with nan are False, so nan never passes
+        if not ok:
+            sys.exit(f"error: --{key}={globals()[key]!r} is out of range: it must be {allowed}")
+    for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters',
+                'max_iters', 'lr_decay_iters', 'img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd'):
+        require(globals()[key] >= 1, key, 'at least 1')
+    for key in ('warmup_iters', 'seed', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
+        require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
+    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta'):
+        require(0 <= globals()[key] <= 1, key, 'between 0 and 1')
+    for key in ('beta1', 'beta2'):
+        require(0 <= globals()[key] < 1, key, 'at least 0 and below 1')
+    for key in ('P_std', 'time_shift', 'collective_timeout'):
+        require(0 < globals()[key] < math.inf, key, 'a finite number > 0')
+    for key in ('P_mean', 'guidance'):
+        require(-math.inf < globals()[key] < math.inf, key, 'finite')
+    require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base for the vocabulary) or >= 2')
+    require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
+    require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
+            "(a softmax over color_base ** 3 ids per pixel)")
+    require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")
+    require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
+    require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
+    require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
+    require(not rope or n_embd // n_head % 4 == 0, 'n_head', "such that --n_embd / --n_head is a multiple of 4 "
+            "(rotary positions; or --rope=False)")
+    require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
+    processes = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's
+    require(gradient_accumulation_steps % processes == 0, 'gradient_accumulation_steps',
+            f"a multiple of the number of processes ({processes}), which share out its micro-steps")
+
+
+def start_checkpoint_path():
+    """The checkpoint a run starts from: out_dir/ckpt.pt to resume, or another run's to fine-tune."""
+    if init_from == 'resume':
+        path = os.path.join(out_dir, 'ckpt.pt')
+        if not os.path.exists(path):
+            sys.exit(f"error: --init_from=resume but {path} does not exist; train with --init_from=scratch first")
+        return path
+    if not os.path.isfile(init_from):
+        sys.exit(f"error: --init_from must be 'scratch', 'resume' or a checkpoint file, and {init_from!r} is none "
+                 f"of these")
+    return init_from
+
+
+def load_checkpoint(path, map_location='cpu', mmap=False):
+    """A checkpoint, checked, or one line that says why not: tensors, numbers and strings only (weights_only=True,
+    so a file can never run code), every part this version needs (a file from before a config key existed gets
+    the value its run used), and finite weights (a diverged run's are refused)."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        sys.exit(f"error: refusing to load {path}: it holds more than tensors, numbers and strings "
+                 f"({str(e).strip().splitlines()[-1]})")
+    except Exception as e:  # a truncated file, a text file, an empty one, ...
+        sys.exit(f"error: cannot read {path}: it is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:160]})")
+    needed = {'model', 'ema', 'optimizer', 'config', 'meta', 'iter_num'}
+    if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
+        sys.exit(f"error: {path} is not a PixelDLM checkpoint (it needs {', '.join(sorted(needed))})")
+    checkpoint['config'] = {**LEGACY_CONFIG, **checkpoint['config']}
+    if checkpoint['config'].get('self_cond'):
+        sys.exit(f"error: {path} was trained with self-conditioning, which left the code in 85a85de "
+                 f"(`git checkout a1550de` has it)")
+    if not all(w.isfinite().all() for w in checkpoint['ema'].values() if w.is_floating_point()):
+        sys.exit(f"error: {path} holds non-finite weights (its run diverged); use an earlier checkpoint")
+    return checkpoint
+
+
+def save_checkpoint(state, path):
+    """Atomic and durable: a temporary file of this process's own, flushed to the disk, then renamed over path,
+    so a crash or a full disk never leaves a broken ckpt.pt. Returns None, or what went wrong."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return f"could not save {path} ({str(e).strip().splitlines()[0][:200]})"
+
+
+def setup_device(name, local_rank=0, ddp=False):
+    """--device -> the device this process uses, checked. A GPU goes by its index (torch.cuda.set_device refuses
+    a bare 'cuda'): under torchrun every process takes the GPU of its LOCAL_RANK, alone it takes GPU 0."""
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', name):
+        sys.exit(f"error: --device={name!r} is not a device: it must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'mps' and not torch.backends.mps.is_available():
+        sys.exit("error: --device=mps but this PyTorch sees no MPS device (Apple GPUs only); use --device=cpu")
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            sys.exit(f"error: --device={name} but this PyTorch sees no CUDA GPU; use --device=cpu")
+        if name == 'cuda':
+            name = f'cuda:{local_rank}'
+        elif ddp:
+            sys.exit(f"error: --device={name}: under torchrun every process takes the GPU of its LOCAL_RANK; "
+                     f"pass --device=cuda, and pick GPUs with CUDA_VISIBLE_DEVICES")
+        if int(name[5:]) >= torch.cuda.device_count():
+            sys.exit(f"error: --device={name} but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(name)
+    return name
+
+
+def start_watchdog(rank, world_size, progress):
+    """Under DDP a process that stops answering (stopped, hung in I/O, or on a dead node) would leave the others
+    waiting inside a collective forever. A thread in every process publishes, each second, a heartbeat and how
+    far it got (progress['count']: micro-steps and evaluation batches) to the store torchrun set up. When its own
+    progress stalls for collective_timeout seconds, it names the processes whose heartbeat stopped, or that are
+    behind, and ends this one. Returns what ends the thread, then the process group."""
+    store = dist.distributed_c10d._get_default_store()  # torchrun's rendezvous store (a private accessor)
+    keys = [f'pixeldlm/{r}' for r in range(world_size)]
+
+    def read_all():  # [(heartbeat, progress)] of every rank
+        return [tuple(map(int, store.get(k).split())) if store.check([k]) else (-1, -1) for k in keys]
+
+    def watch():
+        beat, last_count, since, first_look = 0, -1, time.time(), None
+        while not stopped.wait(1):
+            beat += 1
+            try:
+                store.set(keys[rank], f"{beat} {progress['count']}")
+            except Exception:  # the store lives with node 0; the timeout below still ends this process
+                pass
+            if progress['count'] != last_count:
+                last_count, since, first_look = progress['count'], time.time(), None
+            elif time.time() - since > collective_timeout:
+                try:
+                    first_look = first_look or (beat, read_all())  # look again 5 heartbeats later: whose stopped?
+                    if beat - first_look[0] < 5:
+                        continue
+                    now = read_all()
+                    gone = [r for r in range(world_size) if now[r][0] == first_look[1][r][0]]
+                    behind = [r for r in range(world_size) if now[r][1] < max(n[1] for n in now)]
+                    who = (f"rank {', '.join(map(str, gone))} stopped (frozen, killed, or its node is down)" if gone
+                           else f"rank {', '.join(map(str, behind))} is stuck in its own work" if behind
+                           else "every rank is waiting at the same point")
+                except Exception:
+                    who = "the store on node 0 does not answer (node 0 is down)"
+                print(f"error: rank {rank}: no progress for {collective_timeout:g} s at iteration {progress['iter']}; "
+                      f"{who}. Saved checkpoints are intact: continue with --init_from=resume once every process "
+                      f"is back", file=sys.stderr, flush=True)
+                os._exit(1)
+    stopped, thread = threading.Event(), threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def stop():  # Python 3.11 ends a daemon thread still inside a store call at exit with std::terminate (abort)
+        stopped.set()
+        thread.join(timeout=10)
+        dist.destroy_process_group()
+    return stop
+
+
+def claim_out_dir():
+    """Before the master process writes to out_dir: one trainer per out_dir (an exclusive lock on out_dir/lock,
+    which the OS drops when the process ends, however it ends, so a crashed run never leaves it stuck; returned,
+    keep it open), no leftovers of a save that a kill interrupted, and a fresh run never overwrites a checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, 'lock'), 'w')
+    try:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(f"error: another trainer is using {out_dir} (it holds {out_dir}/lock); wait for it to end or "
+                 f"pick another --out_dir")
+    for name in os.listdir(out_dir):
+        if name.startswith('ckpt.pt.tmp'):
+            os.remove(os.path.join(out_dir, name))
+    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        sys.exit(f"error: {out_dir}/ckpt.pt already exists; continue it with --init_from=resume or pick another "
+                 f"--out_dir")
+    return lock
 
 
 if __name__ == '__main__':
