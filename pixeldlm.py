@@ -632,6 +632,12 @@ PEAK_FLOPS = {  # dense bf16 peak FLOP/s (the yardstick of fp32 runs too); the f
 stop_signals = []  # SIGTERM or SIGUSR1 (a cluster taking the node back): save at the end of this iteration, then stop
 
 
+def catch_stop_signals():  # only once training runs: before that, a signal ends the process at once, as usual
+    for name in ('SIGTERM', 'SIGUSR1'):
+        if hasattr(signal, name):  # not on Windows
+            signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
+
+
 def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / warmup_iters
@@ -704,8 +710,7 @@ def duration(seconds):
 
 def setup_processes(ddp, local_rank):
     """This process's device and its autocast (bf16 or none), and under torchrun the process group (its timeout
-    comes after the watchdog's, which says who is missing). SIGTERM and SIGUSR1 are noted, and acted on at the
-    end of the iteration."""
+    comes after the watchdog's, which says who is missing)."""
     dev = setup_device(device, local_rank, ddp)
     device_type = dev.split(':')[0]
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
@@ -717,9 +722,6 @@ def setup_processes(ddp, local_rank):
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo',
                                 timeout=timedelta(seconds=collective_timeout + 60),
                                 device_id=torch.device(dev) if dev.startswith('cuda') else None)
-    for name in ('SIGTERM', 'SIGUSR1'):
-        if hasattr(signal, name):  # not on Windows
-            signal.signal(getattr(signal, name), lambda signum, frame: stop_signals.append(signum))
     return dev, autocast
 
 
@@ -817,6 +819,7 @@ def train():
         describe_run(model, data, dev, world_size, autocast, iter_num)
     progress = {'count': 0, 'iter': iter_num}  # how far this process got, for the watchdog
     stop_processes = start_watchdog(rank, world_size, progress) if ddp else None
+    catch_stop_signals()
 
     keys = ((0, it, rank * accum_steps + micro) for it in range(iter_num, max_iters) for micro in range(accum_steps))
     batches = prefetch(lambda key: make_batch(data, 'train', key, pin=dev.startswith('cuda')), keys)
