@@ -712,9 +712,6 @@ def setup_processes(ddp, local_rank):
     """This process's device and its autocast (bf16 or none), and under torchrun the process group (its timeout
     comes after the watchdog's, which says who is missing)."""
     dev = setup_device(device, local_rank, ddp)
-    device_type = dev.split(':')[0]
-    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     if dev.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -722,7 +719,13 @@ def setup_processes(ddp, local_rank):
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo',
                                 timeout=timedelta(seconds=collective_timeout + 60),
                                 device_id=torch.device(dev) if dev.startswith('cuda') else None)
-    return dev, autocast
+    return dev, autocast_for(dev, dtype)
+
+
+def autocast_for(dev, dtype):
+    """bf16 autocast where --dtype asks for it ('auto': on CUDA only), else nothing (fp32). sample.py uses it too."""
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and dev.startswith('cuda'))
+    return torch.autocast(dev.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def describe_run(model, data, dev, world_size, autocast, iter_num):

@@ -16,13 +16,12 @@ import struct
 import sys
 import time
 import zlib
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from pixeldlm import (diffusion_loss, generate, get_batch, ids_to_image, image_to_ids, load_checkpoint, load_meta,
-                      load_pairs, load_tokens, model_from_config, prompt_images, setup_device, to_grid)
+from pixeldlm import (autocast_for, diffusion_loss, generate, get_batch, ids_to_image, image_to_ids, load_checkpoint,
+                      load_meta, load_pairs, load_tokens, model_from_config, prompt_images, setup_device, to_grid)
 from prepare_data import get_encoding
 
 
@@ -339,8 +338,7 @@ if __name__ == '__main__':
     guidance = config['guidance'] if args.guidance is None else args.guidance
     tile = model.tile
     eta = config['eta'] if args.eta is None else args.eta
-    use_bf16 = args.dtype == 'bfloat16' or (args.dtype == 'auto' and device.startswith('cuda'))
-    autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(device, args.dtype)
 
     if args.eval:
         data_dir = args.data_dir or config['data_dir']

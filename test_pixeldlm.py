@@ -1251,7 +1251,7 @@ def test_bad_values_are_one_line_errors_before_anything_starts(data_dir, tmp_pat
 def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_before_anything_starts(data_dir,
                                                                                                       tmp_path):
     proc = run('-m torch.distributed.run --standalone --nproc_per_node=2 pixeldlm.py', *TINY, f'--data_dir={data_dir}',
-               f'--out_dir={tmp_path}/out', '--gradient_accumulation_steps=3', check=False)
+               f'--out_dir={tmp_path}/out', '--gradient_accumulation_steps=3', '--max_iters=2', check=False)
     assert proc.returncode != 0 and 'it must be a multiple of the number of processes (2)' in proc.out, proc.out
     assert not (tmp_path / 'out').exists()
 
