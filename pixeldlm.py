@@ -207,7 +207,8 @@ class Attention(nn.Module):
     def forward(self, x, rope=None):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # in fp32: under bf16 autocast, a bf16 input with the fp32 weight would miss the fused CUDA kernel
+        q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # no mask: flash attention
