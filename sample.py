@@ -116,18 +116,16 @@ def decode_all(ids, enc):
     return '\n'.join(enc.decode(part.tolist()) for part in np.split(ids, np.flatnonzero(ids == enc.eot_token)))
 
 
-def word_statistics(texts, real_texts, train_tokens, enc, rng):
+def word_statistics(texts, real_texts, soup, train_tokens, enc):
     """Tokenizer-free: the share of sampled words (runs of 3+ letters) that occur in the training text, beside
-    held-out real text of the same length (the ceiling) and characters drawn independently from the training
-    text's character frequencies (the floor: letter soup with the right letters and spaces)."""
-    train_text = decode_all(train_tokens[:20_000_000], enc)
-    known = set(words(train_text))
+    held-out real text of the same length (the ceiling) and the soup of ids drawn independently from the training
+    unigram distribution (the floor: letter soup with the right letters and spaces for bytes; for a vocabulary of
+    whole words, such as cl100k_base, random tokens that are often words already)."""
+    known = set(words(decode_all(train_tokens[:20_000_000], enc)))
     sampled = '\n'.join(ids_to_text(text, enc)[0] for text in texts)
     real = '\n'.join(ids_to_text(text, enc)[0] for text in real_texts)[:max(len(sampled), 1)]
-    letters, counts = np.unique(np.array(list(train_text[:2_000_000])), return_counts=True)
-    soup = ''.join(rng.choice(letters, size=max(len(sampled), 10_000), p=counts / counts.sum()))
     hits = {}
-    for name, text in ('word_hits', sampled), ('word_ceiling', real), ('word_floor', soup):
+    for name, text in ('word_hits', sampled), ('word_ceiling', real), ('word_floor', ids_to_text(soup, enc)[0]):
         found = words(text)
         hits[name] = sum(w in known for w in found) / len(found) if found else 0.0
     return hits
@@ -137,7 +135,7 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
     """Unconditional samples against real windows of the same size: valid ids, texts that end, unigram
     entropy (against as many real tokens), the word hit rate (word_statistics), and the bigram hit rate: the
     fraction of sampled neighbour pairs found anywhere in the training data, beside real text (the ceiling)
-    and ids drawn independently from the training unigram distribution (the floor)."""
+    and ids drawn independently from the training unigram distribution (the floor, the same soup as the words')."""
     def valid(i):
         return token_bytes(i, enc) is not None
     texts = [text_part(row, enc.eot_token) for row in sample_ids]
@@ -146,18 +144,18 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
     stats = {'valid_ids': sum(valid(i) for text in texts for i in text) / max(n_ids, 1),
              'ended': float(np.mean([enc.eot_token in list(row) for row in sample_ids])),
              'ended_real': float(np.mean([enc.eot_token in list(row) for row in real_ids]))}
-    stats.update(word_statistics(texts, real_texts, train_tokens, enc, rng))
+    vocab = enc.n_vocab
+    train_tokens = np.asarray(train_tokens[:100_000_000], dtype=np.int64)  # enough to find any common pair
+    unigram = np.bincount(train_tokens, minlength=vocab).astype(np.float64)
+    unigram[enc.eot_token] = 0
+    soup = rng.choice(vocab, size=max(n_ids, 10_000), p=unigram / unigram.sum())
+    stats.update(word_statistics(texts, real_texts, soup.tolist(), train_tokens, enc))
     texts = [[i for i in text if valid(i)] for text in texts]  # invalid ids have no bigrams to look up
     sampled = [i for text in texts for i in text]
     real = [i for text in real_texts for i in text][:max(len(sampled), 1)]
     stats['entropy'], stats['entropy_real'] = entropy_bits(sampled or [0]), entropy_bits(real)
-    vocab = enc.n_vocab
-    train_tokens = np.asarray(train_tokens[:100_000_000], dtype=np.int64)  # enough to find any common pair
     known = np.unique(bigrams([train_tokens], vocab))
-    unigram = np.bincount(train_tokens, minlength=vocab).astype(np.float64)
-    unigram[enc.eot_token] = 0
-    independent = rng.choice(vocab, size=max(len(sampled), 10_000), p=unigram / unigram.sum())
-    for name, group in ('bigram_hits', texts), ('bigram_ceiling', real_texts), ('bigram_floor', [independent]):
+    for name, group in ('bigram_hits', texts), ('bigram_ceiling', real_texts), ('bigram_floor', [soup]):
         keys = bigrams(group, vocab)
         stats[name] = float(np.isin(keys, known).mean()) if len(keys) else 0.0
     return stats
