@@ -965,7 +965,7 @@ def check_config():
     require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base for the vocabulary) or >= 2')
     require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
     require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
-            "(a softmax over color_base ** 3 ids per pixel)")
+            "(a softmax over color_base ** 3 ids per pixel: vocabularies of at most 4096 ids, such as bytes)")
     require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")
     require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
     require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")

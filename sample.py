@@ -117,7 +117,7 @@ def decode_all(ids, enc):
 
 
 def word_statistics(texts, real_texts, soup, train_tokens, enc):
-    """Tokenizer-free: the share of sampled words (runs of 3+ letters) that occur in the training text, beside
+    """The share of sampled words (runs of 3+ letters) that occur in the training text, beside
     held-out real text of the same length (the ceiling) and the soup of ids drawn independently from the training
     unigram distribution (the floor: letter soup with the right letters and spaces for bytes; for a vocabulary of
     whole words, such as cl100k_base, random tokens that are often words already)."""

@@ -167,7 +167,11 @@ def test_jit_b4_parameter_count():
         + (d * 6 * d + 6 * d)
     expected = (patch * d + d) + (256 * d + d + d * d + d) + 12 * block + (d * 2 * d + 2 * d) + (d * patch + patch)
     n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == expected == 129_597_744
+    assert n_params == expected == 129_597_744  # the v head: one value per pixel channel
+    with torch.device('meta'):  # the default digit head: 47 logits per channel for cl100k_base
+        model = JiT(img_size=64, patch_size=4, n_layer=12, n_head=12, n_embd=768, digit_classes=47)
+    expected += (d * patch + patch) * 46
+    assert sum(p.numel() for p in model.parameters()) == expected == 131_295_696
     assert model.pos_embed.shape == (2 * 256, 768)  # condition patches, then target patches
 
 
@@ -553,7 +557,7 @@ def test_configure_parses_types_and_presets(monkeypatch):
     for key in pixeldlm.config_keys:
         monkeypatch.setattr(pixeldlm, key, getattr(pixeldlm, key))  # restored after the test
     pixeldlm.configure(['--preset=classroom', '--n_layer', '3', '--learning_rate=1', '--compile=True',
-                        '--color_base=7'])  # 0, the preset's, would look the base up in the data
+                        '--color_base=7'])  # 0, the default, would look the base up in the data
     assert pixeldlm.img_size == 16 and pixeldlm.n_layer == 3  # from the preset, then overridden
     assert pixeldlm.learning_rate == 1.0 and isinstance(pixeldlm.learning_rate, float)
     assert pixeldlm.compile is True
@@ -667,6 +671,7 @@ def test_sample_statistics_span_floor_to_ceiling_and_count_invalid_colors(data_d
     assert as_good_as_real['bigram_hits'] == as_good_as_real['bigram_ceiling'] > 0.5
     assert as_good_as_real['valid_ids'] == 1.0
     assert as_good_as_real['entropy'] == pytest.approx(as_good_as_real['entropy_real'])
+    assert as_good_as_real['word_hits'] == as_good_as_real['word_ceiling'] > as_good_as_real['word_floor'] + 0.1
     unigram = np.bincount(np.asarray(train, dtype=np.int64), minlength=enc.n_vocab).astype(float)
     unigram[enc.eot_token] = 0
     word_salad = rng.choice(enc.n_vocab, size=(16, 256), p=unigram / unigram.sum())
