@@ -283,7 +283,7 @@ if __name__ == '__main__':
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
-                        help="'auto': bfloat16 autocast on CUDA, float32 elsewhere")
+                        help="'auto': bfloat16 autocast on CUDA and on CPUs with bf16 instructions, else float32")
     parser.add_argument('--png', help='also write the generated images, side by side, to this PNG file')
     parser.add_argument('--show_steps', action='store_true',
                         help="print the text of every step's x_hat; with --png, draw z_t and x_hat of every step")

@@ -1087,6 +1087,22 @@ def test_bf16_trains_and_samples_on_a_cpu(data_dir, tmp_path, enc):
     assert torch.equal(ids_to_image(image_to_ids(sampled, 47), 47), sampled)  # every pixel an exact digit color
 
 
+def test_auto_precision_is_bf16_on_cpus_with_bf16_instructions_and_their_attention_stays_fp32(monkeypatch):
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(pixeldlm, 'cpu_has_bf16', lambda: has_bf16)
+        assert isinstance(pixeldlm.autocast_for('cpu', 'auto'), torch.autocast) == has_bf16
+        assert isinstance(pixeldlm.autocast_for('cpu', 'bfloat16'), torch.autocast)
+        assert not isinstance(pixeldlm.autocast_for('cpu', 'float32'), torch.autocast)
+        assert not isinstance(pixeldlm.autocast_for('mps', 'auto'), torch.autocast)
+    model, dtypes = tiny_model(), {}
+    for name in ('qkv', 'w12'):
+        layer = getattr(model.blocks[0].attn if name == 'qkv' else model.blocks[0].mlp, name)
+        layer.register_forward_hook(lambda module, args, out, name=name: dtypes.update({name: out.dtype}))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 8, 8), torch.rand(2))
+    assert dtypes == {'qkv': torch.float32, 'w12': torch.bfloat16}  # bf16 attention cost words (README)
+
+
 # ----------------------------------------------------------------------------- nothing lost, nothing silent
 
 def test_a_nan_stops_every_process_and_keeps_the_last_checkpoint(data_dir, tmp_path):
