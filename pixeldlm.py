@@ -251,10 +251,10 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        # on a CPU, attention stays in fp32 under bf16 autocast: bf16 there cost a quarter of the classroom model's
-        # words for 20% of its speed (README); a GPU keeps bf16, which flash attention needs
+        # on a CPU, attention (qkv to projection) runs in fp32 under bf16 autocast: bf16 attention cost the classroom
+        # model words (README, "bf16 on a CPU"). A GPU keeps bf16 for flash attention (not measured for words)
         with torch.autocast('cpu', enabled=False) if x.device.type == 'cpu' else nullcontext():
-            x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), rope)
+            x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x.float()), shift1, scale1), rope)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(rms_norm(x), shift2, scale2))
         return x
 
@@ -729,13 +729,14 @@ def setup_processes(ddp, local_rank):
 
 def autocast_for(dev, dtype):
     """bf16 autocast where --dtype asks for it ('auto': on CUDA, and on a CPU with bf16 matrix instructions,
-    where bf16 matmuls run 4x faster than fp32), else nothing (fp32). sample.py uses it too."""
+    where bf16 matmuls outrun fp32 ones), else nothing (fp32). sample.py uses it too."""
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and (dev.startswith('cuda') or dev == 'cpu' and cpu_has_bf16()))
     return torch.autocast(dev.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def cpu_has_bf16():
-    """AVX512-BF16 or AMX (recent Xeons and EPYCs). Elsewhere a CPU emulates bf16, more slowly than fp32."""
+    """AVX512-BF16 or AMX (recent Xeons and EPYCs). Elsewhere a CPU emulates bf16, more slowly than fp32.
+    Private functions of torch.cpu: a version without them gets fp32."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in ('_is_avx512_bf16_supported',
                                                                      '_is_amx_tile_supported'))
 
