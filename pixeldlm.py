@@ -208,12 +208,17 @@ class Attention(nn.Module):
     def forward(self, x, rope=None):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        # in fp32: under bf16 autocast, a bf16 input with the fp32 weight would miss the fused CUDA kernel
-        q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)  # no mask: flash attention
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+        # on a CPU under bf16 autocast, the rest (qk-norm to output projection) runs in fp32: in bf16 it cost the
+        # classroom model words (README, "bf16 on a CPU"). A GPU keeps bf16 for flash attention (not measured for words)
+        on_cpu = x.device.type == 'cpu'
+        with torch.autocast('cpu', enabled=False) if on_cpu else nullcontext():
+            dtype = torch.float32 if on_cpu else v.dtype
+            # norms in fp32: under bf16 autocast, a bf16 input with the fp32 weight would miss the fused CUDA kernel
+            q, k, v = self.q_norm(q.float()).to(dtype), self.k_norm(k.float()).to(dtype), v.to(dtype)
+            if rope is not None:
+                q, k = rotate(q, *rope), rotate(k, *rope)
+            x = F.scaled_dot_product_attention(q, k, v)  # no mask: flash attention
+            return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
 def rotate(x, cos, sin):  # rotary positions: each pair of channels (i, i + d/2) turns by its angle
@@ -251,10 +256,7 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        # on a CPU, attention (qkv to projection) runs in fp32 under bf16 autocast: bf16 attention cost the classroom
-        # model words (README, "bf16 on a CPU"). A GPU keeps bf16 for flash attention (not measured for words)
-        with torch.autocast('cpu', enabled=False) if x.device.type == 'cpu' else nullcontext():
-            x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x.float()), shift1, scale1), rope)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), rope)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(rms_norm(x), shift2, scale2))
         return x
 

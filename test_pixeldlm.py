@@ -1095,13 +1095,15 @@ def test_auto_precision_and_fp32_attention_on_a_cpu(monkeypatch):
         assert not isinstance(pixeldlm.autocast_for('cpu', 'float32'), torch.autocast)
         assert not isinstance(pixeldlm.autocast_for('mps', 'auto'), torch.autocast)
     model, dtypes = tiny_model(), {}
-    layers = {'qkv': model.blocks[0].attn.qkv, 'w12': model.blocks[0].mlp.w12, 'block': model.blocks[0]}
+    layers = {'qkv': model.blocks[0].attn.qkv, 'proj': model.blocks[0].attn.proj, 'w12': model.blocks[0].mlp.w12,
+              'block': model.blocks[0]}
     for name, layer in layers.items():
         layer.register_forward_hook(lambda module, args, out, name=name: dtypes.update({name: out.dtype}))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         model(torch.randn(2, 3, 8, 8), torch.rand(2))
-    # bf16 attention cost words (README); the MLP still gains bf16's speed, and the residual stream stays fp32
-    assert dtypes == {'qkv': torch.float32, 'w12': torch.bfloat16, 'block': torch.float32}
+    # bf16 attention cost words (README): from the qk-norm to the output projection it runs in fp32, while the
+    # qkv projection and the MLP keep bf16's speed; the residual stream stays fp32
+    assert dtypes == {'qkv': torch.bfloat16, 'proj': torch.float32, 'w12': torch.bfloat16, 'block': torch.float32}
 
 
 # ----------------------------------------------------------------------------- nothing lost, nothing silent
