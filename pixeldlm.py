@@ -748,7 +748,7 @@ def describe_run(model, data, dev, world_size, autocast, iter_num):
     print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
           f"{patch_size}, {data['meta']['encoding']} ids in base {color_base}")
     precision = 'fp32' if not isinstance(autocast, torch.autocast) else \
-        'bf16 autocast' + (' (attention in fp32)' if dev == 'cpu' else '')
+        'bf16 autocast' + (' (attention in fp32 after its qkv projection)' if dev == 'cpu' else '')
     print(f"device {dev} x {world_size} process(es), {precision}, global batch "
           f"{batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} micro-steps, "
           f"from iter {iter_num}")
