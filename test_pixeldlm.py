@@ -344,6 +344,16 @@ def test_time_shift_moves_the_grid_towards_the_clean_end():
     assert ts == sorted(ts) and ts[1] > u[1]
 
 
+def test_time_delay_tells_the_model_a_noisier_time_on_the_same_grid():
+    x, noise = torch.zeros(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    plain, delayed = FixedPrediction(x), FixedPrediction(x)
+    ddim_sample(plain, noise, steps=4)
+    ddim_sample(delayed, noise, steps=4, time_delay=0.3)
+    assert [t.item() for _, t in delayed.calls] == pytest.approx([0, 0, 0.2, 0.45])  # t - 0.3, never below 0
+    for (z, _), (z_plain, _) in zip(delayed.calls, plain.calls):  # z itself still walks 0, 0.25, 0.5, 0.75
+        assert torch.equal(z, z_plain)
+
+
 def test_rotary_positions_make_attention_depend_on_the_offset_alone():
     cos, sin = pixeldlm.rope_2d(16, 6, 6)  # a 6x6 grid of positions, head size 16
     q, k = torch.randn(16), torch.randn(16)
@@ -1262,6 +1272,7 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--pixel_order=columns'], "--pixel_order='columns' is out of range"),
     (['--n_embd=24', '--n_head=4'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
     (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
+    (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1289,6 +1300,7 @@ def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_b
     (['--batch_size=0'], '--batch_size must be at least 1'),
     (['--num_samples=0'], '--num_samples must be at least 1'),
     (['--eta=-0.5'], '--eta must be between 0 and 1'),
+    (['--time_delay=2'], '--time_delay must be between 0 and 1'),
     (['--device=banana'], 'is not a device'),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1343,7 +1355,8 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
     run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/made', '--max_iters=2', '--objective=v',
         '--pixel_order=row', '--rope=False')
     checkpoint = load(tmp_path / 'made/ckpt.pt')
-    for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta'):
+    for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta',
+                'time_delay'):
         del checkpoint['config'][key]
     (tmp_path / 'old').mkdir()
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
@@ -1352,7 +1365,8 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
         f'--init_from={tmp_path}/old/ckpt.pt')
     run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
     resumed = load(tmp_path / 'old/ckpt.pt')['config']  # added in later versions: what those runs used
-    assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta']) == ('v', 'row', False, 0.0)
+    assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta'],
+            resumed['time_delay']) == ('v', 'row', False, 0.0, 0.0)
     checkpoint['config']['self_cond'] = True  # a feature that left the code
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     proc = run('sample.py', f'--out_dir={tmp_path}/old', check=False)
