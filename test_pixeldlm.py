@@ -1412,6 +1412,32 @@ def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, 
     assert texts[2] == texts[5] and texts[2].count('---------- sample') == 5
 
 
+def test_sample_py_gives_the_sampler_the_checkpoints_time_delay_or_the_flags(trained, tmp_path, monkeypatch, capsys):
+    import inspect
+    import runpy
+    checkpoint = load(trained / 'ckpt.pt')
+    checkpoint['config']['time_delay'] = 0.4
+    torch.save(checkpoint, tmp_path / 'ckpt.pt')
+    delays, sampler = [], pixeldlm.ddim_sample
+
+    def recording_sampler(*args, **kwargs):
+        delays.append(inspect.signature(sampler).bind(*args, **kwargs).arguments.get('time_delay', 0.0))
+        return sampler(*args, **kwargs)
+    monkeypatch.setattr(pixeldlm, 'ddim_sample', recording_sampler)
+    for flags, expected in [([], 0.4), (['--time_delay=0.25'], 0.25), (['--eval'], 0.4),
+                            (['--eval', '--time_delay=0'], 0)]:
+        delays.clear()
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={tmp_path}', '--num_samples=2', '--steps=2',
+                                          '--device=cpu', *flags])
+        try:
+            runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
+        except SystemExit as e:  # --eval ends with sys.exit(0)
+            assert e.code == 0
+        out = capsys.readouterr().out
+        assert delays and set(delays) == {expected}, (flags, delays)
+        assert '--eval' not in flags or f'time delay {expected:g}' in out
+
+
 def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp_path, capsys):
     png = tmp_path / 'steps.png'
     proc = run('sample.py', f'--out_dir={trained}', '--num_samples=2', '--steps=3', '--show_steps', f'--png={png}')
