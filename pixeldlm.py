@@ -215,9 +215,9 @@ class Attention(nn.Module):
         # classroom model words (README, "bf16 on a CPU"). A GPU keeps bf16 for flash attention (not measured for words)
         on_cpu = x.device.type == 'cpu'
         with torch.autocast('cpu', enabled=False) if on_cpu else nullcontext():
-            dtype = torch.float32 if on_cpu else v.dtype
+            inner = torch.float32 if on_cpu else v.dtype  # not the config's dtype: what attention runs in
             # norms in fp32: under bf16 autocast, a bf16 input with the fp32 weight would miss the fused CUDA kernel
-            q, k, v = self.q_norm(q.float()).to(dtype), self.k_norm(k.float()).to(dtype), v.to(dtype)
+            q, k, v = self.q_norm(q.float()).to(inner), self.k_norm(k.float()).to(inner), v.to(inner)
             if rope is not None:
                 q, k = rotate(q, *rope), rotate(k, *rope)
             x = F.scaled_dot_product_attention(q, k, v)  # no mask: flash attention
