@@ -85,6 +85,9 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 0.0  # clip the gradient norm at this value; 0 disables
+# > 0: the blocks' weight matrices step with Muon (momentum made orthogonal: torch.optim.Muon) at this lr, following
+# the schedule below in proportion; the rest stays on AdamW. 0: AdamW for everything, as JiT
+muon_lr = 0.0
 ema_decay = 0.9999  # the EMA weights are what we evaluate, save for sampling, and sample from
 # learning rate: linear warmup, then constant (JiT) or cosine down to min_lr
 warmup_iters = 5000
@@ -105,12 +108,12 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
-    # t nearer the clean end, fresh noise and a delayed time when sampling, late steps) were measured in README.
+    # t nearer the clean end, Muon, fresh noise and a delayed time when sampling, late steps) were measured in README.
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8,
                       time_shift=8.0, eta=1.0, time_delay=0.05,
                       img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
-                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, max_iters=1000,
+                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=1000,
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
                       compile=False),
 }
@@ -118,7 +121,7 @@ presets = {
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
-                 'pixel_order': 'row', 'rope': False, 'eta': 0.0, 'time_delay': 0.0}
+                 'pixel_order': 'row', 'rope': False, 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -662,26 +665,34 @@ def get_lr(it):
 
 
 def build_model(checkpoint, dev):
-    """(model, its EMA, optimizer, iteration): fresh, resumed from a checkpoint, or (fine-tuning) started from
-    its EMA weights with a fresh optimizer at iteration 0."""
+    """(model, its EMA, optimizers, iteration): fresh, resumed from a checkpoint, or (fine-tuning) started from
+    its EMA weights with fresh optimizers at iteration 0. The optimizers: AdamW, then Muon where muon_lr > 0."""
     torch.manual_seed(seed)
     model = model_from_config(globals()).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
-                                  weight_decay=weight_decay, fused=not dev.startswith('mps'))
+    # Muon takes the weight matrices of attention and the MLPs; the embeddings, the head, adaLN (Muon there learned
+    # less and cost 20% more time, README), biases and norms stay on AdamW
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and ('.attn.' in n or '.mlp.' in n)]
+    matrices = matrices if muon_lr > 0 else []
+    others = [p for p in model.parameters() if not any(p is m for m in matrices)]
+    optimizers = [torch.optim.AdamW(others, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                                    fused=not dev.startswith('mps'))]
+    if matrices:  # 'original': Keller Jordan's scaling by the matrix's shape, for which lr 0.02 is the usual
+        optimizers.append(torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn='original'))
     if checkpoint is None:
-        return model, ema, optimizer, 0
+        return model, ema, optimizers, 0
     try:
         if init_from == 'resume':
             model.load_state_dict(checkpoint['model'])
-            optimizer.load_state_dict(checkpoint['optimizer'])
+            for optimizer, key in zip(optimizers, ('optimizer', 'muon')):
+                optimizer.load_state_dict(checkpoint[key])
         else:  # the EMA weights are the pretrained model's best
             model.load_state_dict(checkpoint['ema'])
         ema.load_state_dict(checkpoint['ema'])
     except (RuntimeError, ValueError, KeyError) as e:
         sys.exit(f"error: the weights in {start_checkpoint_path()} do not fit the model its config describes "
                  f"({str(e).strip().splitlines()[0][:200]})")
-    return model, ema, optimizer, checkpoint['iter_num'] if init_from == 'resume' else 0
+    return model, ema, optimizers, checkpoint['iter_num'] if init_from == 'resume' else 0
 
 
 def batch_loss(net, batch, dev, autocast):
@@ -757,6 +768,10 @@ def describe_run(model, data, dev, world_size, autocast, iter_num):
     print(f"device {dev} x {world_size} process(es), {precision}, global batch "
           f"{batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} micro-steps, "
           f"from iter {iter_num}")
+    if muon_lr > 0:
+        n_muon = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and ('.attn.' in n or '.mlp.' in n))
+        print(f"optimizer: Muon (lr {muon_lr:g}) for the {n_muon:,} weights of the attention and MLP matrices, AdamW "
+              f"(lr {learning_rate:g}) for the other {n_params - n_muon:,} parameters")
     if data['n_pairs']:
         print(f"data: {data['meta']['train_pairs']:,} prompt/answer pairs, {data['n_pairs']} per micro-batch, prompt "
               f"dropped {cond_drop:.0%} of the time"
@@ -834,7 +849,7 @@ def train():
               f"do, raise --max_iters to train on")
         return None
     dev, autocast = setup_processes(ddp, local_rank)
-    model, ema, optimizer, iter_num = build_model(checkpoint, dev)
+    model, ema, optimizers, iter_num = build_model(checkpoint, dev)
     checkpoint = None  # free it
     train_model = torch.compile(model) if compile else model
     if ddp:
@@ -853,8 +868,10 @@ def train():
     meter = new_meter()
     while iter_num < max_iters:
         lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        muon_now = muon_lr * lr / learning_rate if learning_rate else 0.0  # Muon follows the same schedule
+        for optimizer, optimizer_lr in zip(optimizers, (lr, muon_now)):
+            for group in optimizer.param_groups:
+                group['lr'] = optimizer_lr
         loss_sum = accumulate_gradients(train_model, batches, accum_steps, dev, autocast, meter, progress, flops)
         grad_norm = torch.nn.utils.clip_grad_norm_(model_params, grad_clip or math.inf)
         # one all-reduce tells every process the mean loss, the gradient norm and whether any process got a signal
@@ -865,8 +882,9 @@ def train():
         if not (math.isfinite(lossf) and math.isfinite(grad_normf)):
             finish(master, stop_processes, f"error: iteration {iter_num}: loss {lossf}, gradient norm "
                    f"{grad_normf}: the step was not taken and nothing was saved. {advice}", 1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
         with torch.no_grad():  # a young EMA would mostly remember the random init, so its decay ramps up
             torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
         iter_num += 1
@@ -882,7 +900,8 @@ def train():
                 finish(master, stop_processes, f"error: iteration {iter_num}: the EMA weights give losses "
                        f"{losses}: nothing was saved. {advice}", 1)
             problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
-                                       'optimizer': optimizer.state_dict(), 'iter_num': iter_num, 'meta': data['meta'],
+                                       **dict(zip(('optimizer', 'muon'), (o.state_dict() for o in optimizers))),
+                                       'iter_num': iter_num, 'meta': data['meta'],
                                        'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else ''
             if agree(problem, dev, ddp):  # the others wait here until the master has saved
                 finish(master, stop_processes, f"error: iteration {iter_num}: {problem}; the previous checkpoint "
@@ -936,6 +955,9 @@ def configure(args):
         saved = checkpoint['config']
         settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
         globals().update({k: saved[k] for k in settled if k in saved and k not in ('init_from', 'out_dir')})
+        if init_from == 'resume' and (muon_lr > 0) != (saved['muon_lr'] > 0):
+            sys.exit(f"error: {start_checkpoint_path()} saved the optimizer state of a run with --muon_lr="
+                     f"{saved['muon_lr']:g}; resume it with Muon {'on' if saved['muon_lr'] > 0 else 'off'} as well")
     meta = load_meta(data_dir) if init_from != 'scratch' or color_base == 0 else None
     if init_from != 'scratch' and checkpoint['meta']['encoding'] != meta['encoding']:
         sys.exit(f"error: {start_checkpoint_path()} was trained on {checkpoint['meta']['encoding']} ids but "
@@ -971,7 +993,8 @@ def check_config():
     for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters',
                 'max_iters', 'lr_decay_iters', 'img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd'):
         require(globals()[key] >= 1, key, 'at least 1')
-    for key in ('warmup_iters', 'seed', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
+    for key in ('warmup_iters', 'seed', 'learning_rate', 'muon_lr', 'min_lr', 'weight_decay', 'grad_clip',
+                'peak_flops'):
         require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
     for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta', 'time_delay'):
         require(0 <= globals()[key] <= 1, key, 'between 0 and 1')

@@ -539,8 +539,9 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(data
     assert logged_losses(ddp.out) == pytest.approx(logged_losses(single.out), abs=2e-4)
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
-    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100']
+@pytest.mark.parametrize('muon', [[], ['--muon_lr=0.02']], ids=['adamw', 'muon'])
+def test_resume_continues_exactly(data_dir, tmp_path, muon):
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100', *muon]
     run('pixeldlm.py', *args, f'--out_dir={tmp_path}/straight', '--max_iters=6')
     run('pixeldlm.py', *args, f'--out_dir={tmp_path}/split', '--max_iters=3')
     run('pixeldlm.py', f'--out_dir={tmp_path}/split', '--max_iters=6', '--init_from=resume')  # the rest is saved
@@ -548,8 +549,35 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert split['iter_num'] == straight['iter_num'] == 6
     assert_same_tensors(straight['model'], split['model'])
     assert_same_tensors(straight['ema'], split['ema'])
-    for a, b in zip(straight['optimizer']['state'].values(), split['optimizer']['state'].values()):
-        assert_same_tensors(a, b)
+    for key in ('optimizer', 'muon') if muon else ('optimizer',):
+        assert len(straight[key]['state']) == len(split[key]['state']) > 0
+        for a, b in zip(straight[key]['state'].values(), split[key]['state'].values()):
+            assert_same_tensors(a, b)
+
+
+def test_muon_steps_the_blocks_matrices_adamw_the_rest_and_resume_keeps_the_choice(data_dir, tmp_path):
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=2']
+    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/muon', '--muon_lr=0.02')
+    checkpoint = load(tmp_path / 'muon/ckpt.pt')
+    model = pixeldlm.model_from_config(checkpoint['config'])
+    matrices = [n for n, p in model.named_parameters() if n.endswith(('qkv.weight', 'proj.weight', 'mlp.w12.weight',
+                                                                        'mlp.w3.weight'))]
+    others = [p for n, p in model.named_parameters() if n not in matrices]
+    assert len(matrices) == 2 * 4  # two blocks; adaLN's matrix stays on AdamW
+    shapes = lambda tensors: sorted(tuple(t.shape) for t in tensors)
+    assert shapes(s['momentum_buffer'] for s in checkpoint['muon']['state'].values()) == \
+        shapes(model.get_parameter(n) for n in matrices)
+    assert shapes(s['exp_avg'] for s in checkpoint['optimizer']['state'].values()) == shapes(others)
+    saved = (tmp_path / 'muon/ckpt.pt').read_bytes()
+    proc = run('pixeldlm.py', f'--out_dir={tmp_path}/muon', '--init_from=resume', '--max_iters=4', '--muon_lr=0',
+               check=False)
+    assert proc.returncode != 0 and '--muon_lr=0.02; resume it with Muon on' in proc.out, proc.out
+    assert (tmp_path / 'muon/ckpt.pt').read_bytes() == saved
+    run('pixeldlm.py', *args, f'--out_dir={tmp_path}/adamw')
+    assert 'muon' not in load(tmp_path / 'adamw/ckpt.pt')
+    proc = run('pixeldlm.py', f'--out_dir={tmp_path}/adamw', '--init_from=resume', '--max_iters=4',
+               '--muon_lr=0.02', check=False)
+    assert proc.returncode != 0 and '--muon_lr=0; resume it with Muon off' in proc.out, proc.out
 
 
 def test_learning_rate_warms_up_then_stays_or_follows_the_cosine(monkeypatch):
