@@ -113,7 +113,7 @@ presets = {
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8,
                       time_shift=8.0, eta=1.0, time_delay=0.05,
                       img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
-                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=900,
+                      batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=800,
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
                       compile=False),
 }
