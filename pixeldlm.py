@@ -85,8 +85,8 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 0.0  # clip the gradient norm at this value; 0 disables
-# > 0: the blocks' weight matrices step with Muon (momentum made orthogonal: torch.optim.Muon) at this lr, following
-# the schedule below in proportion; the rest stays on AdamW. 0: AdamW for everything, as JiT
+# > 0: the weight matrices of attention and the MLPs step with Muon (momentum made orthogonal: torch.optim.Muon) at
+# this lr, following the schedule below in proportion; the rest stays on AdamW. 0: AdamW for everything, as JiT
 muon_lr = 0.0
 ema_decay = 0.9999  # the EMA weights are what we evaluate, save for sampling, and sample from
 # learning rate: linear warmup, then constant (JiT) or cosine down to min_lr
