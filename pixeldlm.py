@@ -664,16 +664,19 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def muon_matrices(model):
+    """What Muon steps: the weight matrices of attention and the MLPs. The embeddings, the head, adaLN (Muon there
+    learned less and cost 20% more time, README), biases and norms stay on AdamW."""
+    return [p for n, p in model.named_parameters() if p.ndim == 2 and ('.attn.' in n or '.mlp.' in n)]
+
+
 def build_model(checkpoint, dev):
     """(model, its EMA, optimizers, iteration): fresh, resumed from a checkpoint, or (fine-tuning) started from
     its EMA weights with fresh optimizers at iteration 0. The optimizers: AdamW, then Muon where muon_lr > 0."""
     torch.manual_seed(seed)
     model = model_from_config(globals()).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # Muon takes the weight matrices of attention and the MLPs; the embeddings, the head, adaLN (Muon there learned
-    # less and cost 20% more time, README), biases and norms stay on AdamW
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and ('.attn.' in n or '.mlp.' in n)]
-    matrices = matrices if muon_lr > 0 else []
+    matrices = muon_matrices(model) if muon_lr > 0 else []
     others = [p for p in model.parameters() if not any(p is m for m in matrices)]
     optimizers = [torch.optim.AdamW(others, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                                     fused=not dev.startswith('mps'))]
@@ -769,7 +772,7 @@ def describe_run(model, data, dev, world_size, autocast, iter_num):
           f"{batch_size * gradient_accumulation_steps} = {batch_size} x {gradient_accumulation_steps} micro-steps, "
           f"from iter {iter_num}")
     if muon_lr > 0:
-        n_muon = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and ('.attn.' in n or '.mlp.' in n))
+        n_muon = sum(p.numel() for p in muon_matrices(model))
         print(f"optimizer: Muon (lr {muon_lr:g}) for the {n_muon:,} weights of the attention and MLP matrices, AdamW "
               f"(lr {learning_rate:g}) for the other {n_params - n_muon:,} parameters")
     if data['n_pairs']:
