@@ -664,6 +664,9 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+OPTIMIZER_KEYS = ('optimizer', 'muon')  # where a checkpoint keeps AdamW's state, and Muon's when it has one
+
+
 def muon_matrices(model):
     """What Muon steps: the weight matrices of attention and the MLPs. The embeddings, the head, adaLN (Muon there
     learned less and cost 20% more time, README), biases and norms stay on AdamW."""
@@ -687,7 +690,7 @@ def build_model(checkpoint, dev):
     try:
         if init_from == 'resume':
             model.load_state_dict(checkpoint['model'])
-            for optimizer, key in zip(optimizers, ('optimizer', 'muon')):
+            for optimizer, key in zip(optimizers, OPTIMIZER_KEYS):
                 optimizer.load_state_dict(checkpoint[key])
         else:  # the EMA weights are the pretrained model's best
             model.load_state_dict(checkpoint['ema'])
@@ -903,7 +906,7 @@ def train():
                 finish(master, stop_processes, f"error: iteration {iter_num}: the EMA weights give losses "
                        f"{losses}: nothing was saved. {advice}", 1)
             problem = save_checkpoint({'model': model.state_dict(), 'ema': ema.state_dict(),
-                                       **dict(zip(('optimizer', 'muon'), (o.state_dict() for o in optimizers))),
+                                       **dict(zip(OPTIMIZER_KEYS, (o.state_dict() for o in optimizers))),
                                        'iter_num': iter_num, 'meta': data['meta'],
                                        'config': {k: globals()[k] for k in config_keys}}, ckpt_path) if master else ''
             if agree(problem, dev, ddp):  # the others wait here until the master has saved
