@@ -514,6 +514,13 @@ def test_training_logs_saves_and_sample_py_prints_text_and_writes_png(data_dir, 
     assert height == 256 and width == (8 + 2 + 8) * 32  # two 8x8 images at 32x, a 2-pixel gap between
 
 
+def assert_same_optimizer_states(a, b, muon):  # two checkpoints: AdamW's state, and Muon's where it ran
+    for key in ('optimizer', 'muon') if muon else ('optimizer',):
+        assert len(a[key]['state']) == len(b[key]['state']) > 0
+        for x, y in zip(a[key]['state'].values(), b[key]['state'].values()):
+            assert_same_tensors(x, y)
+
+
 def logged_losses(out):
     return [float(m) for m in re.findall(r'iter \d+/\d+ \(\d+%\): loss ([0-9.]+)', out)]
 
@@ -559,10 +566,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, muon):
     assert split['iter_num'] == straight['iter_num'] == 6
     assert_same_tensors(straight['model'], split['model'])
     assert_same_tensors(straight['ema'], split['ema'])
-    for key in ('optimizer', 'muon') if muon else ('optimizer',):
-        assert len(straight[key]['state']) == len(split[key]['state']) > 0
-        for a, b in zip(straight[key]['state'].values(), split[key]['state'].values()):
-            assert_same_tensors(a, b)
+    assert_same_optimizer_states(straight, split, muon)
 
 
 def test_muon_steps_the_blocks_matrices_adamw_the_rest_and_resume_keeps_the_choice(data_dir, tmp_path):
@@ -1173,8 +1177,9 @@ def test_a_nan_stops_every_process_and_keeps_the_last_checkpoint(data_dir, tmp_p
     run('sample.py', f'--out_dir={out}', '--steps=2')
 
 
-def test_sigterm_saves_and_resume_continues_bit_for_bit(data_dir, tmp_path):
-    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100000']
+@pytest.mark.parametrize('muon', [[], ['--muon_lr=0.02']], ids=['adamw', 'muon'])
+def test_sigterm_saves_and_resume_continues_bit_for_bit(data_dir, tmp_path, muon):
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=100000', *muon]
     proc = start('pixeldlm.py', *args, f'--out_dir={tmp_path}/stopped', '--max_iters=100000')
     read_until(proc, r'^iter 5/')
     proc.send_signal(signal.SIGTERM)
@@ -1187,8 +1192,7 @@ def test_sigterm_saves_and_resume_continues_bit_for_bit(data_dir, tmp_path):
     resumed, straight = load(tmp_path / 'stopped/ckpt.pt'), load(tmp_path / 'straight/ckpt.pt')
     for part in ('model', 'ema'):
         assert_same_tensors(resumed[part], straight[part])
-    for a, b in zip(resumed['optimizer']['state'].values(), straight['optimizer']['state'].values()):
-        assert_same_tensors(a, b)
+    assert_same_optimizer_states(resumed, straight, muon)
 
 
 def test_sigusr1_to_one_process_under_torchrun_stops_them_all_after_one_save(data_dir, tmp_path):
