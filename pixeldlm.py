@@ -70,7 +70,8 @@ n_embd = 768
 color_base = 0
 objective = 'digits'  # cross-entropy on each channel's 'digits', on whole 'tokens', or 'v': JiT's v-loss on pixels
 pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': the original
-rope = True  # 2D rotary positions in attention (JiT's), on top of the fixed sin-cos table
+rope = 'text'  # rotary positions in attention: a patch's place in the 'text' (reading order), its 'grid' row and
+               # column (JiT's 2D), or 'none'; on top of the fixed sin-cos table
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = 0.0  # t centred on 0.5; JiT's -0.8 (noisier t) learned less of cl100k_base and of bytes
 P_std = 0.8
@@ -121,7 +122,7 @@ presets = {
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
-                 'pixel_order': 'row', 'rope': False, 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0}
+                 'pixel_order': 'row', 'rope': 'none', 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -232,12 +233,18 @@ def rotate(x, cos, sin):  # rotary positions: each pair of channels (i, i + d/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-def rope_2d(head_dim, rows, cols):
-    """Angles of 2D rotary positions: half the channel pairs turn with the row, half with the column. Base 100,
-    not the 10000 of long sequences: over a grid of at most 32 rows most pairs would then hardly turn."""
-    omega = 1.0 / 100 ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
-    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij')
-    angles = torch.cat([r.flatten()[:, None] * omega, c.flatten()[:, None] * omega], dim=1)
+def rotary_angles(kind, head_dim, rows, cols):
+    """cos and sin of the rotary positions of a grid of patches, row by row. 'text': every channel pair turns with
+    the patch's place in the reading order (base 10000, as in language models), so attention sees how far apart
+    two pieces of text are, across the end of a row too. 'grid': half the pairs turn with the row, half with the
+    column, base 100 (over a grid of at most 32 rows, most pairs would hardly turn at 10000)."""
+    if kind == 'text':
+        omega = 1.0 / 10000 ** (torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))
+        angles = torch.arange(rows * cols)[:, None] * omega
+    else:
+        omega = 1.0 / 100 ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij')
+        angles = torch.cat([r.flatten()[:, None] * omega, c.flatten()[:, None] * omega], dim=1)
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
@@ -272,7 +279,7 @@ class JiT(nn.Module):
     goes in front of the target in the same sequence, as if the two were stacked into one tall image.
     model_from_config builds it from a run's config; its own defaults are the original design's plain model."""
 
-    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope=False,
+    def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope='none',
                  tile=1):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
@@ -283,12 +290,13 @@ class JiT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, n_embd)
         self.t_embed = nn.Sequential(nn.Linear(256, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
         # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below;
-        # rotary positions (as JiT) also tell attention how far apart two patches are, which spelling needs
+        # rotary positions also tell attention how far apart two patches are, which spelling needs
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
-        self.rope = rope
-        if rope:
-            assert n_embd // n_head % 4 == 0, "rotary positions need a head size that is a multiple of 4"
-            for name, table in zip(('rope_cos', 'rope_sin'), rope_2d(n_embd // n_head, 2 * self.grid, self.grid)):
+        self.rope = rope != 'none'
+        if self.rope:
+            assert n_embd // n_head % (4 if rope == 'grid' else 2) == 0, "rotary positions: a head size of 4k (2k)"
+            tables = rotary_angles(rope, n_embd // n_head, 2 * self.grid, self.grid)
+            for name, table in zip(('rope_cos', 'rope_sin'), tables):
                 self.register_buffer(name, table, persistent=False)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.final_adaLN = nn.Linear(n_embd, 2 * n_embd)
@@ -1018,8 +1026,9 @@ def check_config():
     require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
     require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
     require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
-    require(not rope or n_embd // n_head % 4 == 0, 'n_head', "such that --n_embd / --n_head is a multiple of 4 "
-            "(rotary positions; or --rope=False)")
+    require(rope in ('text', 'grid', 'none'), 'rope', "'text', 'grid' or 'none'")
+    require(n_embd // n_head % {'grid': 4, 'text': 2, 'none': 1}.get(rope, 1) == 0, 'n_head', "such that --n_embd / "
+            "--n_head is a multiple of 4 (rotary positions on the grid) or 2 (on the text), or --rope=none")
     require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
     processes = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's
     require(gradient_accumulation_steps % processes == 0, 'gradient_accumulation_steps',
@@ -1055,6 +1064,8 @@ def load_checkpoint(path, map_location='cpu', mmap=False):
     if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         sys.exit(f"error: {path} is not a PixelDLM checkpoint (it needs {', '.join(sorted(needed))})")
     checkpoint['config'] = {**LEGACY_CONFIG, **checkpoint['config']}
+    if isinstance(checkpoint['config']['rope'], bool):  # before rotary positions came in kinds, True was the grid
+        checkpoint['config']['rope'] = 'grid' if checkpoint['config']['rope'] else 'none'
     if checkpoint['config'].get('self_cond'):
         sys.exit(f"error: {path} was trained with self-conditioning, which left the code in 85a85de "
                  f"(`git checkout a1550de` has it)")

@@ -354,17 +354,20 @@ def test_time_delay_tells_the_model_a_noisier_time_on_the_same_grid():
         assert torch.equal(z, z_plain)
 
 
-def test_rotary_positions_make_attention_depend_on_the_offset_alone():
-    cos, sin = pixeldlm.rope_2d(16, 6, 6)  # a 6x6 grid of positions, head size 16
+@pytest.mark.parametrize('kind', ['text', 'grid'])
+def test_rotary_positions_make_attention_depend_on_the_offset_alone(kind):
+    cos, sin = pixeldlm.rotary_angles(kind, 16, 6, 6)  # a 6x6 grid of patches, head size 16
     q, k = torch.randn(16), torch.randn(16)
 
-    def score(i, j):  # q at position i attends to k at position j
+    def score(i, j):  # q at patch i (row by row) attends to k at patch j
         return (pixeldlm.rotate(q, cos[i], sin[i]) @ pixeldlm.rotate(k, cos[j], sin[j])).item()
     assert score(0, 7) == pytest.approx(score(14, 21), abs=1e-5)  # the same offset (1 row, 1 column) elsewhere
     assert score(0, 7) != pytest.approx(score(0, 8), abs=1e-3)
+    # the last patch of a row and the first of the next: neighbours in the text, 5 columns apart on the grid
+    assert (score(5, 6) == pytest.approx(score(0, 1), abs=1e-5)) == (kind == 'text')
     assert pixeldlm.rotate(q, cos[9], sin[9]).norm() == pytest.approx(q.norm())
     torch.manual_seed(0)
-    plain, rotary = JiT(8, 2, 2, 2, 32), JiT(8, 2, 2, 2, 32, rope=True)
+    plain, rotary = JiT(8, 2, 2, 2, 32), JiT(8, 2, 2, 2, 32, rope=kind)
     rotary.load_state_dict(plain.state_dict())  # the same weights: rotary positions add no parameters
     with torch.no_grad():
         for p in rotary.parameters():
@@ -1312,7 +1315,9 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--objective=x'], "--objective='x' is out of range"),
     (['--objective=tokens', '--color_base=256'], "--color_base=256 is out of range: it must be at most 16 with"),
     (['--pixel_order=columns'], "--pixel_order='columns' is out of range"),
-    (['--n_embd=24', '--n_head=4'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
+    (['--n_embd=24', '--n_head=4', '--rope=grid'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
+    (['--n_embd=12', '--n_head=4'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
+    (['--rope=True'], "--rope='True' is out of range: it must be 'text', 'grid' or 'none'"),
     (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
     (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
     (['--device=banana'], "--device='banana' is not a device"),
@@ -1395,7 +1400,7 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint(trained, tmp_path):
 def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_path):
     # weights as those runs made them (the v head, rows, no rotary positions), then their config without the new keys
     run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/made', '--max_iters=2', '--objective=v',
-        '--pixel_order=row', '--rope=False')
+        '--pixel_order=row', '--rope=none')
     checkpoint = load(tmp_path / 'made/ckpt.pt')
     for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta',
                 'time_delay'):
@@ -1408,7 +1413,10 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
     run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
     resumed = load(tmp_path / 'old/ckpt.pt')['config']  # added in later versions: what those runs used
     assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta'],
-            resumed['time_delay']) == ('v', 'row', False, 0.0, 0.0)
+            resumed['time_delay']) == ('v', 'row', 'none', 0.0, 0.0)
+    checkpoint['config']['rope'] = True  # before rotary positions came in kinds: on the grid
+    torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
+    assert pixeldlm.load_checkpoint(tmp_path / 'old/ckpt.pt')['config']['rope'] == 'grid'
     checkpoint['config']['self_cond'] = True  # a feature that left the code
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     proc = run('sample.py', f'--out_dir={tmp_path}/old', check=False)
