@@ -294,7 +294,7 @@ class JiT(nn.Module):
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
         self.rope = rope != 'none'
         if self.rope:
-            assert n_embd // n_head % (4 if rope == 'grid' else 2) == 0, "rotary positions: a head size of 4k (2k)"
+            assert n_embd // n_head % (4 if rope == 'grid' else 2) == 0, "rotary positions: an even head size (4k: grid)"
             tables = rotary_angles(rope, n_embd // n_head, 2 * self.grid, self.grid)
             for name, table in zip(('rope_cos', 'rope_sin'), tables):
                 self.register_buffer(name, table, persistent=False)
