@@ -233,6 +233,9 @@ def rotate(x, cos, sin):  # rotary positions: each pair of channels (i, i + d/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+ROPE_HEAD_MULTIPLE = {'text': 2, 'grid': 4, 'none': 1}  # each kind of rotary positions: what the head size divides by
+
+
 def rotary_angles(kind, head_dim, rows, cols):
     """cos and sin of the rotary positions of a grid of patches, row by row. 'text': every channel pair turns with
     the patch's place in the reading order (base 10000, as in language models), so attention sees how far apart
@@ -294,7 +297,7 @@ class JiT(nn.Module):
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
         self.rope = rope != 'none'
         if self.rope:
-            assert n_embd // n_head % (4 if rope == 'grid' else 2) == 0, "rotary positions: an even head size (4k: grid)"
+            assert n_embd // n_head % ROPE_HEAD_MULTIPLE[rope] == 0, "rotary positions: an even head size (4k: grid)"
             tables = rotary_angles(rope, n_embd // n_head, 2 * self.grid, self.grid)
             for name, table in zip(('rope_cos', 'rope_sin'), tables):
                 self.register_buffer(name, table, persistent=False)
@@ -1026,8 +1029,8 @@ def check_config():
     require(dtype in ('auto', 'bfloat16', 'float32'), 'dtype', "'auto', 'bfloat16' or 'float32'")
     require(img_size % patch_size == 0, 'img_size', f"a multiple of --patch_size={patch_size}")
     require(n_embd % n_head == 0 and n_embd % 4 == 0, 'n_embd', f"a multiple of 4 and of --n_head={n_head}")
-    require(rope in ('text', 'grid', 'none'), 'rope', "'text', 'grid' or 'none'")
-    require(n_embd // n_head % {'grid': 4, 'text': 2, 'none': 1}.get(rope, 1) == 0, 'n_head', "such that --n_embd / "
+    require(rope in ROPE_HEAD_MULTIPLE, 'rope', "'text', 'grid' or 'none'")
+    require(n_embd // n_head % ROPE_HEAD_MULTIPLE.get(rope, 1) == 0, 'n_head', "such that --n_embd / "
             "--n_head is a multiple of 4 (rotary positions on the grid) or 2 (on the text), or --rope=none")
     require(not decay_lr or lr_decay_iters > warmup_iters, 'lr_decay_iters', f"above --warmup_iters={warmup_iters}")
     processes = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's
