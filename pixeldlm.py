@@ -238,11 +238,11 @@ ROPE_HEAD_MULTIPLE = {'text': 2, 'grid': 4, 'none': 1}  # each kind of rotary po
 
 def rotary_angles(kind, head_dim, rows, cols):
     """cos and sin of the rotary positions of a grid of patches, row by row. 'text': every channel pair turns with
-    the patch's place in the reading order (base 10000, as in language models), so attention sees how far apart
-    two pieces of text are, across the end of a row too. 'grid': half the pairs turn with the row, half with the
-    column, base 100 (over a grid of at most 32 rows, most pairs would hardly turn at 10000)."""
+    the patch's place in the reading order, so attention sees how far apart two pieces of text are, across the end
+    of a row too; base 1000, not a language model's 10000, under which most pairs hardly turn over a short prompt
+    (README: sort learned far slower). 'grid': half the pairs turn with the row, half with the column, base 100."""
     if kind == 'text':
-        omega = 1.0 / 10000 ** (torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))
+        omega = 1.0 / 1000 ** (torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))
         angles = torch.arange(rows * cols)[:, None] * omega
     else:
         omega = 1.0 / 100 ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
