@@ -111,7 +111,7 @@ presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
     # t in a narrow band nearer the clean end, Muon, fresh noise when sampling, late steps) were measured in README.
     # Data: prepare_data.py --encoding=bytes
-    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.2,
+    'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
                       time_shift=8.0, eta=1.0,
                       img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=800,
