@@ -109,7 +109,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
-    # t in a narrow band nearer the clean end, Muon, fresh noise when sampling, late steps) were measured in README.
+    # t in a narrow band nearer the clean end, Muon, fresh noise when sampling, late steps above that band, where the
+    # model, never trained there, keeps revising letters instead of copying) were measured in README.
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
                       time_shift=8.0, eta=1.0,
