@@ -281,8 +281,7 @@ if __name__ == '__main__':
     parser.add_argument('--batch_size', type=int, default=64, help='samples generated at once (memory grows with it)')
     parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
     parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
-    parser.add_argument('--eta', type=float, help="0: deterministic DDIM, 1: DDPM steps, 2: all noise fresh at each "
-                        "step (default: the checkpoint's)")
+    parser.add_argument('--eta', type=float, help="0: deterministic DDIM, 1: DDPM steps (default: the checkpoint's)")
     parser.add_argument('--time_delay', type=float,
                         help="the model is told t minus this, a noisier time (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
@@ -305,9 +304,9 @@ if __name__ == '__main__':
         parser.error(f"--seed must be at least 0, not {args.seed}")
     if args.time_shift is not None and not 0 < args.time_shift < math.inf:
         parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
-    for key, most in ('eta', 2), ('time_delay', 1):
-        if getattr(args, key) is not None and not 0 <= getattr(args, key) <= most:
-            parser.error(f"--{key} must be between 0 and {most}, not {getattr(args, key)}")
+    for key in ('eta', 'time_delay'):
+        if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
+            parser.error(f"--{key} must be between 0 and 1, not {getattr(args, key)}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance must be finite, not {args.guidance}")
     if args.png and (os.path.isdir(args.png) or not os.path.isdir(os.path.dirname(os.path.abspath(args.png)))):

@@ -419,25 +419,6 @@ def test_eta_one_draws_each_step_from_the_ddpm_posterior():
     assert torch.allclose(z2, mean + math.sqrt(var) * fresh[1], atol=1e-5)
 
 
-def test_eta_two_draws_each_step_afresh_from_x_hat_and_eta_between_goes_in_proportion():
-    torch.manual_seed(0)
-    x, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
-    fresh = [torch.randn(1, 3, 4, 4) for _ in range(3)]
-    model = FixedPrediction(x)
-    ddim_sample(model, noise, steps=4, eta=2.0, step_noise=lambda step: fresh[step])
-    zs = [z for z, _ in model.calls]
-    for step, s in enumerate((0.25, 0.5, 0.75)):  # nothing of the path is kept: q(z_s | x = x_hat) alone
-        assert torch.allclose(zs[step + 1], s * x + (1 - s) * fresh[step], atol=1e-6)
-    model = FixedPrediction(x)
-    ddim_sample(model, noise, steps=4, eta=1.5, step_noise=lambda step: fresh[step])
-    z1, z2 = model.calls[1][0], model.calls[2][0]
-    t, s = 0.25, 0.5
-    eps = (z1 - t * x) / (1 - t)
-    posterior = ((1 - t) ** 2 - (t / s) ** 2 * (1 - s) ** 2) * (1 - s) ** 2 / (1 - t) ** 2  # as for eta = 1 above
-    var = posterior + 0.5 * ((1 - s) ** 2 - posterior)  # halfway from the posterior's variance to all of it
-    assert torch.allclose(z2, s * x + math.sqrt((1 - s) ** 2 - var) * eps + math.sqrt(var) * fresh[1], atol=1e-5)
-
-
 def test_sampling_with_fresh_noise_is_seeded_per_sample(enc):
     start = pixeldlm.sample_noise(7, 0, 2, 8)
     for step in range(3):  # every step's noise is new, not the starting noise again
@@ -1337,7 +1318,7 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--n_embd=24', '--n_head=4', '--rope=grid'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
     (['--n_embd=12', '--n_head=4'], '--n_head=4 is out of range: it must be such that --n_embd / --n_head'),
     (['--rope=True'], "--rope='True' is out of range: it must be 'text', 'grid' or 'none'"),
-    (['--eta=2.5'], '--eta=2.5 is out of range: it must be between 0 and 2'),
+    (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
     (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
@@ -1365,7 +1346,7 @@ def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_b
     (['--time_shift=0'], '--time_shift must be a finite number > 0'),
     (['--batch_size=0'], '--batch_size must be at least 1'),
     (['--num_samples=0'], '--num_samples must be at least 1'),
-    (['--eta=-0.5'], '--eta must be between 0 and 2'),
+    (['--eta=-0.5'], '--eta must be between 0 and 1'),
     (['--time_delay=2'], '--time_delay must be between 0 and 1'),
     (['--device=banana'], 'is not a device'),
     (['--device=cuda'], 'no CUDA GPU'),
