@@ -78,6 +78,7 @@ P_std = 0.8
 time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 packs them towards the clean end
 eta = 0.0  # the sampler's noise: 0 is deterministic DDIM, 1 draws each step from the DDPM posterior
 time_delay = 0.0  # the sampler tells the model t - time_delay, a noisier time than z_t's: sharper samples
+renoise_above = 1.0  # the sampler's steps to a t above this draw z afresh from x_hat and new noise (1: none)
 guidance = 1.0  # the sampler's classifier-free guidance scale for prompts: 1 is the plain conditional answer
 # adamw optimizer (JiT: lr 5e-5 * global_batch / 256, betas 0.9/0.95, no weight decay, no clipping)
 learning_rate = 2e-4
@@ -113,7 +114,7 @@ presets = {
     # model, never trained there, keeps revising letters instead of copying) were measured in README.
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
-                      time_shift=8.0, eta=1.0,
+                      time_shift=8.0, eta=1.0, renoise_above=0.73,
                       img_size=16, patch_size=2, n_layer=6, n_head=4, n_embd=256,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=800,
                       warmup_iters=100, ema_decay=0.999, eval_interval=250, eval_iters=10, log_interval=50,
@@ -123,7 +124,8 @@ presets = {
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
-                 'pixel_order': 'row', 'rope': 'none', 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0}
+                 'pixel_order': 'row', 'rope': 'none', 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0,
+                 'renoise_above': 1.0}
 
 
 # -----------------------------------------------------------------------------
@@ -461,7 +463,7 @@ def decide(model, z, t, cond, guidance):
 
 @torch.no_grad()
 def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, trajectory=None, eta=0.0,
-                step_noise=None, time_delay=0.0):
+                step_noise=None, time_delay=0.0, renoise_above=1.0):
     """DDIM from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat and moves z to t_next,
     keeping x_hat and the noise it implies, eps = (z_t - t*x_hat)/(1-t): z_next = t_next*x_hat + (1-t_next)*eps.
     eta = 0 is deterministic (the Euler step of the flow ODE); eta = 1 swaps part of eps for fresh noise
@@ -470,7 +472,10 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     of two likely digits is a third one). The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u)
     (SD3's shift, s = time_shift): with s > 1 more steps fall late, where the colors are decided. time_delay > 0
     tells the model t - time_delay (at least 0), a noisier time than z_t has (the asymmetric time intervals of Bit
-    Diffusion, Chen et al. 2022): its guesses get sharper. cond, guidance: see predict. trajectory: a list that
+    Diffusion, Chen et al. 2022): its guesses get sharper. A step to t_next > renoise_above keeps nothing of the path
+    but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). Above the t it
+    trained on, the model then redraws what it is unsure of (a mixed color) rather than keep the old draw's noise.
+    cond, guidance: see predict. trajectory: a list that
     gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
@@ -492,6 +497,8 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
         eps = (z - t * x_hat) / (1 - t)
         # eta^2 times the posterior's variance (DDIM's sigma^2), written with sigma_t = 1 - t and alpha_t = t
         var = eta ** 2 * (1 - t_next) ** 2 * (1 - (t * (1 - t_next) / (t_next * (1 - t))) ** 2)
+        if t_next > renoise_above:
+            var = (1 - t_next) ** 2  # all of z_next's noise fresh: z_next ~ q(z_next | x = x_hat)
         z = t_next * x_hat + math.sqrt((1 - t_next) ** 2 - var) * eps
         if var > 0:
             z = z + math.sqrt(var) * step_noise(step).to(z.device)
@@ -509,7 +516,7 @@ def sample_noise(seed, first, n, side, step=None):
 
 @torch.no_grad()
 def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0,
-             first=0, trajectory=None, eta=0.0, time_delay=0.0):
+             first=0, trajectory=None, eta=0.0, time_delay=0.0, renoise_above=1.0):
     """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers
     to prompts (token lists, one sample each). first: the index of the batch's first sample, which picks
     its noise (sample_noise). sample.py turns the ids into text."""
@@ -519,7 +526,8 @@ def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prom
     n = num_samples if prompts is None else len(prompts)
     noise = sample_noise(seed, first, n, side).to(dev)
     images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory, eta,
-                         lambda step: sample_noise(seed, first, n, side, step), time_delay)
+                         lambda step: sample_noise(seed, first, n, side, step), time_delay,
+                         renoise_above)
     return images, image_to_ids(images, base, model.tile)
 
 
@@ -1014,7 +1022,7 @@ def check_config():
     for key in ('warmup_iters', 'seed', 'learning_rate', 'muon_lr', 'min_lr', 'weight_decay', 'grad_clip',
                 'peak_flops'):
         require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
-    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta', 'time_delay'):
+    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta', 'time_delay', 'renoise_above'):
         require(0 <= globals()[key] <= 1, key, 'between 0 and 1')
     for key in ('beta1', 'beta2'):
         require(0 <= globals()[key] < 1, key, 'at least 0 and below 1')

@@ -162,15 +162,15 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 
 
 @torch.no_grad()
-def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, eta=0.0,
-                    time_delay=0.0):
+def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, **sampler):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
-    token accuracy: over the reference's tokens and its end-of-text, seconds per answer)."""
+    token accuracy: over the reference's tokens and its end-of-text, seconds per answer). sampler: eta,
+    time_delay, renoise_above for generate."""
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
     _, ids = generate(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
-                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, eta=eta, time_delay=time_delay)
+                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, **sampler)
     seconds = (time.time() - clock) / len(bounds)
     exact, right, total = 0, 0, 0
     for row, (_, _, a, b) in zip(ids.tolist(), bounds):
@@ -183,7 +183,7 @@ def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prom
 
 @torch.no_grad()
 def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
-                   n_windows=64, n_samples=32, eta=0.0, time_delay=0.0):
+                   n_windows=64, n_samples=32, **sampler):
     """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
     training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
     prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
@@ -194,7 +194,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
         for w in sorted({1.0, guidance}):
             note(f"eval: answering held-out prompts with guidance w={w:g}")
             report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed,
-                                                        eta=eta, time_delay=time_delay)
+                                                        **sampler)
     if not meta['val_tokens']:
         return report
     dev = model.pos_embed.device
@@ -214,8 +214,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
                                                                                   base, enc.eot_token, tile)
     note(f"eval: {n_samples} samples of {steps} DDIM steps")
     clock = time.time()
-    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift, eta=eta,
-                             time_delay=time_delay)
+    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift, **sampler)
     report['seconds_per_sample'], report['n_samples'] = (time.time() - clock) / n_samples, n_samples
     note("eval: statistics against the training text")
     report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
@@ -247,10 +246,11 @@ def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8; in base 256 a color'
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
 
 
-def print_report(r, ckpt_path, seed, steps, time_shift, eta, time_delay):
+def print_report(r, ckpt_path, seed, steps, time_shift, sampler):
     samples = f", {r['n_samples']} samples" if 'n_samples' in r else ''
-    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}, eta {eta:g}, "
-          f"time delay {time_delay:g}){samples}")
+    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}, eta "
+          f"{sampler['eta']:g}, time delay {sampler['time_delay']:g}, renoise above {sampler['renoise_above']:g})"
+          f"{samples}")
     for key in [k for k in r if k.startswith('answers_w')]:
         exact, per_token, seconds = r[key]
         print(f"held-out prompts, guidance w={key[9:]:4s} exact match {exact:6.1%}, token accuracy "
@@ -284,6 +284,8 @@ if __name__ == '__main__':
     parser.add_argument('--eta', type=float, help="0: deterministic DDIM, 1: DDPM steps (default: the checkpoint's)")
     parser.add_argument('--time_delay', type=float,
                         help="the model is told t minus this, a noisier time (default: the checkpoint's)")
+    parser.add_argument('--renoise_above', type=float, help="steps to a t above this draw z afresh from x_hat and "
+                        "new noise; 1: none (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
@@ -304,7 +306,7 @@ if __name__ == '__main__':
         parser.error(f"--seed must be at least 0, not {args.seed}")
     if args.time_shift is not None and not 0 < args.time_shift < math.inf:
         parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
-    for key in ('eta', 'time_delay'):
+    for key in ('eta', 'time_delay', 'renoise_above'):
         if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
             parser.error(f"--{key} must be between 0 and 1, not {getattr(args, key)}")
     if args.guidance is not None and not math.isfinite(args.guidance):
@@ -340,8 +342,8 @@ if __name__ == '__main__':
     time_shift = config['time_shift'] if args.time_shift is None else args.time_shift
     guidance = config['guidance'] if args.guidance is None else args.guidance
     tile = model.tile
-    eta = config['eta'] if args.eta is None else args.eta
-    time_delay = config['time_delay'] if args.time_delay is None else args.time_delay
+    sampler = {key: config[key] if getattr(args, key) is None else getattr(args, key)
+               for key in ('eta', 'time_delay', 'renoise_above')}
     autocast = autocast_for(device, args.dtype)
 
     if args.eval:
@@ -353,8 +355,8 @@ if __name__ == '__main__':
         with autocast:
             report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
                                     args.seed, args.steps, time_shift, guidance, n_samples=args.num_samples or 32,
-                                    eta=eta, time_delay=time_delay)
-        print_report(report, ckpt_path, args.seed, args.steps, time_shift, eta, time_delay)
+                                    **sampler)
+        print_report(report, ckpt_path, args.seed, args.steps, time_shift, sampler)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
     n_samples = (args.num_samples or 3) if prompts is None else len(prompts)
@@ -366,7 +368,7 @@ if __name__ == '__main__':
             with autocast:
                 images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token,
                                        time_shift, None if prompts is None else prompt_ids[first:first + n],
-                                       guidance, first, trajectory, eta, time_delay)
+                                       guidance, first, trajectory, **sampler)
         except ValueError as e:  # a prompt too long for the condition image
             sys.exit(f"error: {e}")
         if args.show_steps:

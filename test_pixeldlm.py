@@ -354,6 +354,19 @@ def test_time_delay_tells_the_model_a_noisier_time_on_the_same_grid():
         assert torch.equal(z, z_plain)
 
 
+def test_steps_above_renoise_above_draw_z_afresh_from_x_hat_and_the_others_keep_their_path():
+    torch.manual_seed(0)
+    x, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
+    fresh = [torch.randn(1, 3, 4, 4) for _ in range(3)]
+    plain, renoised = FixedPrediction(x), FixedPrediction(x)
+    ddim_sample(plain, noise, steps=4, step_noise=lambda step: fresh[step])  # DDIM, eta 0: no fresh noise
+    ddim_sample(renoised, noise, steps=4, step_noise=lambda step: fresh[step], renoise_above=0.6)
+    for step in range(2):  # to t = 0.25 and 0.5: as plain DDIM
+        assert torch.equal(renoised.calls[step + 1][0], plain.calls[step + 1][0])
+    z3 = renoised.calls[3][0]  # to t = 0.75 > 0.6: nothing kept of the path but x_hat
+    assert torch.allclose(z3, 0.75 * x + 0.25 * fresh[2], atol=1e-6)
+
+
 @pytest.mark.parametrize('kind', ['text', 'grid'])
 def test_rotary_positions_make_attention_depend_on_the_offset_alone(kind):
     cos, sin = pixeldlm.rotary_angles(kind, 16, 6, 6)  # a 6x6 grid of patches, head size 16
@@ -1320,6 +1333,7 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--rope=True'], "--rope='True' is out of range: it must be 'text', 'grid' or 'none'"),
     (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
     (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
+    (['--renoise_above=1.5'], '--renoise_above=1.5 is out of range: it must be between 0 and 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1348,6 +1362,7 @@ def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_b
     (['--num_samples=0'], '--num_samples must be at least 1'),
     (['--eta=-0.5'], '--eta must be between 0 and 1'),
     (['--time_delay=2'], '--time_delay must be between 0 and 1'),
+    (['--renoise_above=-1'], '--renoise_above must be between 0 and 1'),
     (['--device=banana'], 'is not a device'),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1403,7 +1418,7 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
         '--pixel_order=row', '--rope=none')
     checkpoint = load(tmp_path / 'made/ckpt.pt')
     for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta',
-                'time_delay'):
+                'time_delay', 'renoise_above'):
         del checkpoint['config'][key]
     (tmp_path / 'old').mkdir()
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
@@ -1412,8 +1427,8 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
         f'--init_from={tmp_path}/old/ckpt.pt')
     run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
     resumed = load(tmp_path / 'old/ckpt.pt')['config']  # added in later versions: what those runs used
-    assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta'],
-            resumed['time_delay']) == ('v', 'row', 'none', 0.0, 0.0)
+    assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta'], resumed['time_delay'],
+            resumed['renoise_above']) == ('v', 'row', 'none', 0.0, 0.0, 1.0)
     checkpoint['config']['rope'] = True  # before rotary positions came in kinds: on the grid
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     assert pixeldlm.load_checkpoint(tmp_path / 'old/ckpt.pt')['config']['rope'] == 'grid'
@@ -1462,20 +1477,21 @@ def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, 
     assert texts[2] == texts[5] and texts[2].count('---------- sample') == 5
 
 
-def test_sample_py_gives_the_sampler_the_checkpoints_time_delay_or_the_flags(trained, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('key', ['time_delay', 'renoise_above'])
+def test_sample_py_gives_the_sampler_the_checkpoints_settings_or_the_flags(trained, tmp_path, monkeypatch, capsys,
+                                                                          key):
     import inspect
     import runpy
     checkpoint = load(trained / 'ckpt.pt')
-    checkpoint['config']['time_delay'] = 0.4
+    checkpoint['config'][key] = 0.4
     torch.save(checkpoint, tmp_path / 'ckpt.pt')
     delays, sampler = [], pixeldlm.ddim_sample
 
     def recording_sampler(*args, **kwargs):
-        delays.append(inspect.signature(sampler).bind(*args, **kwargs).arguments.get('time_delay', 0.0))
+        delays.append(inspect.signature(sampler).bind(*args, **kwargs).arguments.get(key))
         return sampler(*args, **kwargs)
     monkeypatch.setattr(pixeldlm, 'ddim_sample', recording_sampler)
-    for flags, expected in [([], 0.4), (['--time_delay=0.25'], 0.25), (['--eval'], 0.4),
-                            (['--eval', '--time_delay=0'], 0)]:
+    for flags, expected in [([], 0.4), ([f'--{key}=0.25'], 0.25), (['--eval'], 0.4), (['--eval', f'--{key}=0'], 0)]:
         delays.clear()
         monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={tmp_path}', '--num_samples=2', '--steps=2',
                                           '--device=cpu', *flags])
@@ -1485,7 +1501,7 @@ def test_sample_py_gives_the_sampler_the_checkpoints_time_delay_or_the_flags(tra
             assert e.code == 0
         out = capsys.readouterr().out
         assert delays and set(delays) == {expected}, (flags, delays)
-        assert '--eval' not in flags or f'time delay {expected:g}' in out
+        assert '--eval' not in flags or f"{key.replace('_', ' ')} {expected:g}" in out
 
 
 def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp_path, capsys):
