@@ -111,7 +111,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
     # t in a narrow band nearer the clean end, Muon, fresh noise when sampling, late steps above that band, where the
-    # model, never trained there, keeps revising letters instead of copying) were measured in README.
+    # model, never trained there, keeps revising letters instead of copying, all of their noise drawn afresh) were
+    # measured in README.
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
                       time_shift=8.0, eta=1.0, renoise_above=0.73,
@@ -474,9 +475,9 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     tells the model t - time_delay (at least 0), a noisier time than z_t has (the asymmetric time intervals of Bit
     Diffusion, Chen et al. 2022): its guesses get sharper. A step to t_next > renoise_above keeps nothing of the path
     but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). Above the t it
-    trained on, the model then redraws what it is unsure of (a mixed color) rather than keep the old draw's noise.
-    cond, guidance: see predict. trajectory: a list that
-    gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
+    trained on, the model then decides again what it was unsure of (a mixed color in x_hat) instead of keeping
+    the old noise. cond, guidance: see predict. trajectory: a list that gets (t, z_t, x_hat) of every step
+    (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
