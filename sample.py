@@ -306,7 +306,8 @@ if __name__ == '__main__':
         parser.error(f"--seed must be at least 0, not {args.seed}")
     if args.time_shift is not None and not 0 < args.time_shift < math.inf:
         parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
-    for key in ('eta', 'time_delay', 'renoise_above'):
+    sampler_keys = ('eta', 'time_delay', 'renoise_above')  # the checkpoint's sampler settings, which flags override
+    for key in sampler_keys:
         if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
             parser.error(f"--{key} must be between 0 and 1, not {getattr(args, key)}")
     if args.guidance is not None and not math.isfinite(args.guidance):
@@ -343,7 +344,7 @@ if __name__ == '__main__':
     guidance = config['guidance'] if args.guidance is None else args.guidance
     tile = model.tile
     sampler = {key: config[key] if getattr(args, key) is None else getattr(args, key)
-               for key in ('eta', 'time_delay', 'renoise_above')}
+               for key in sampler_keys}
     autocast = autocast_for(device, args.dtype)
 
     if args.eval:
