@@ -694,6 +694,33 @@ def muon_matrices(model):
     return [p for n, p in model.named_parameters() if p.ndim == 2 and ('.attn.' in n or '.mlp.' in n)]
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon (the same update, settings and saved state) with its Newton-Schulz iterations in ns_dtype.
+    torch's run them in bf16 always, which a CPU without bf16 instructions emulates: 10.5 s a step for the classroom
+    model on a 2-core AVX2 EPYC, against 0.9 s for its forward and backward; in fp32 there it takes about 0.2 s."""
+
+    def __init__(self, params, ns_dtype, **settings):
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, momentum, (a, b, c) = group['lr'], group['momentum'], group['ns_coefficients']
+            for p in (p for p in group['params'] if p.grad is not None):
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group['nesterov'] else buf
+                wide = update.shape[0] <= update.shape[1]  # iterate on the wide form: X X^T is the smaller square
+                X = update.to(self.ns_dtype) if wide else update.to(self.ns_dtype).T
+                X = X / X.norm().clamp(min=group['eps'])  # spectral norm at most 1
+                for _ in range(group['ns_steps']):  # X <- a X + (b A + c A^2) X, A = X X^T: singular values -> ~1
+                    A = X @ X.T
+                    X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+                p.mul_(1 - lr * group['weight_decay'])
+                p.add_(X if wide else X.T, alpha=-lr * max(1, p.shape[0] / p.shape[1]) ** 0.5)  # 'original' scaling
+
+
 def build_model(checkpoint, dev):
     """(model, its EMA, optimizers, iteration): fresh, resumed from a checkpoint, or (fine-tuning) started from
     its EMA weights with fresh optimizers at iteration 0. The optimizers: AdamW, then Muon where muon_lr > 0."""
@@ -705,7 +732,8 @@ def build_model(checkpoint, dev):
     optimizers = [torch.optim.AdamW(others, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                                     fused=not dev.startswith('mps'))]
     if matrices:  # 'original': Keller Jordan's scaling by the matrix's shape, for which lr 0.02 is the usual
-        optimizers.append(torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn='original'))
+        optimizers.append(Muon(matrices, torch.bfloat16 if bf16_is_fast(dev) else torch.float32, lr=muon_lr,
+                               weight_decay=weight_decay, adjust_lr_fn='original'))
     if checkpoint is None:
         return model, ema, optimizers, 0
     try:
@@ -775,8 +803,12 @@ def setup_processes(ddp, local_rank):
 def autocast_for(dev, dtype):
     """bf16 autocast where --dtype asks for it ('auto': on CUDA, and on a CPU with bf16 matrix instructions,
     where bf16 matmuls outrun fp32 ones), else nothing (fp32). sample.py uses it too."""
-    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and (dev.startswith('cuda') or dev == 'cpu' and cpu_has_bf16()))
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and bf16_is_fast(dev))
     return torch.autocast(dev.split(':')[0], dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def bf16_is_fast(dev):
+    return dev.startswith('cuda') or dev == 'cpu' and cpu_has_bf16()
 
 
 def cpu_has_bf16():

@@ -561,7 +561,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(data
     assert_same_tensors(rank0, rank1)  # the ranks never drift apart
     if not muon:
         assert_same_tensors(rank0, alone, exact=False)  # and they did what one process does
-    else:  # Muon orthogonalizes in bf16, which rounds the last bits of the all-reduced gradient differently
+    else:  # Muon orthogonalizes in bf16 where bf16 is fast: the all-reduced gradient's last bits round differently
         start = load(tmp_path / 'single/start.pt')
         for k in alone:
             moved = (alone[k] - start[k]).abs().max()
@@ -583,6 +583,34 @@ def test_resume_continues_exactly(data_dir, tmp_path, muon):
     assert_same_tensors(straight['model'], split['model'])
     assert_same_tensors(straight['ema'], split['ema'])
     assert_same_optimizer_states(straight, split, muon)
+
+
+def test_muon_is_torchs_update_with_newton_schulz_in_fp32_where_bf16_is_emulated(monkeypatch):
+    torch.manual_seed(0)
+    shapes = [(8, 24), (24, 8), (16, 16)]  # wide, tall (iterated transposed), square
+    start = [torch.randn(shape) for shape in shapes]
+    params = {name: [w.clone().requires_grad_() for w in start] for name in ('torch', 'bf16', 'fp32')}
+    settings = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn='original')
+    optimizers = {'torch': torch.optim.Muon(params['torch'], **settings),
+                  'bf16': pixeldlm.Muon(params['bf16'], torch.bfloat16, **settings),
+                  'fp32': pixeldlm.Muon(params['fp32'], torch.float32, **settings)}
+    for _ in range(3):
+        grads = [torch.randn(shape) for shape in shapes]
+        for name, optimizer in optimizers.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, c, w in zip(params['torch'], params['bf16'], params['fp32'], start):
+        assert torch.equal(a, b)  # in bf16, bit for bit torch's
+        assert (c - w).norm() > 0.1 and torch.allclose(c, a, atol=0.02 * 0.1)  # fp32: within bf16's rounding
+    optimizers['fp32'].load_state_dict(optimizers['torch'].state_dict())  # checkpoints saved by torch's still load
+    # the training loop orthogonalizes in bf16 only where bf16 matmuls are fast
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(pixeldlm, 'cpu_has_bf16', lambda: has_bf16)
+        for key, value in dict(muon_lr=0.02, img_size=4, patch_size=2, n_layer=1, n_head=2, n_embd=16).items():
+            monkeypatch.setattr(pixeldlm, key, value)
+        optimizers = pixeldlm.build_model(None, 'cpu')[2]
+        assert optimizers[1].ns_dtype == (torch.bfloat16 if has_bf16 else torch.float32)
 
 
 def test_muon_steps_the_blocks_matrices_adamw_the_rest_and_resume_keeps_the_choice(data_dir, tmp_path):
