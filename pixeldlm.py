@@ -697,7 +697,7 @@ def muon_matrices(model):
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (the same update, settings and saved state) with its Newton-Schulz iterations in ns_dtype.
     torch's run them in bf16 always, which a CPU without bf16 instructions emulates: 10.5 s a step for the classroom
-    model on a 2-core AVX2 EPYC, against 0.9 s for its forward and backward; in fp32 there it takes about 0.2 s."""
+    model on a 2-core AVX2 EPYC, against 0.9 s for its forward and backward; in fp32 there it takes 0.25-0.3 s."""
 
     def __init__(self, params, ns_dtype, **settings):
         super().__init__(params, **settings)
