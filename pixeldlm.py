@@ -695,9 +695,10 @@ def muon_matrices(model):
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon (the same update, settings and saved state) with its Newton-Schulz iterations in ns_dtype.
-    torch's run them in bf16 always, which a CPU without bf16 instructions emulates: 10.5 s a step for the classroom
-    model on a 2-core AVX2 EPYC, against 0.9 s for its forward and backward; in fp32 there it takes 0.25-0.3 s."""
+    """torch.optim.Muon (the same update with its default scaling, the same settings and saved state) with its
+    Newton-Schulz iterations in ns_dtype. torch's run them in bf16 always, which a CPU without bf16 instructions
+    emulates: 10.5 s a step for the classroom model on a 2-core AVX2 EPYC, against 0.9 s for its forward and
+    backward; in fp32 there it takes 0.25-0.3 s."""
 
     def __init__(self, params, ns_dtype, **settings):
         super().__init__(params, **settings)
@@ -718,7 +719,8 @@ class Muon(torch.optim.Muon):
                     A = X @ X.T
                     X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
                 p.mul_(1 - lr * group['weight_decay'])
-                p.add_(X if wide else X.T, alpha=-lr * max(1, p.shape[0] / p.shape[1]) ** 0.5)  # 'original' scaling
+                # Keller Jordan's scaling by the shape (torch's 'original'), for which lr 0.02 is the usual
+                p.add_(X if wide else X.T, alpha=-lr * max(1, p.shape[0] / p.shape[1]) ** 0.5)
 
 
 def build_model(checkpoint, dev):
@@ -731,9 +733,9 @@ def build_model(checkpoint, dev):
     others = [p for p in model.parameters() if not any(p is m for m in matrices)]
     optimizers = [torch.optim.AdamW(others, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                                     fused=not dev.startswith('mps'))]
-    if matrices:  # 'original': Keller Jordan's scaling by the matrix's shape, for which lr 0.02 is the usual
+    if matrices:
         optimizers.append(Muon(matrices, torch.bfloat16 if bf16_is_fast(dev) else torch.float32, lr=muon_lr,
-                               weight_decay=weight_decay, adjust_lr_fn='original'))
+                               weight_decay=weight_decay))
     if checkpoint is None:
         return model, ema, optimizers, 0
     try:
