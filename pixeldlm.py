@@ -207,6 +207,12 @@ def rms_norm(x):  # parameter-free: the adaLN shift and scale that follow do the
     return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
+def to_patches(img, p):
+    """(B, C, H, W) -> (B, patches, C, p*p): the p x p patches row by row, each one's pixels row by row."""
+    B, C, H, W = img.shape
+    return img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p * p)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, n_head):
         super().__init__()
@@ -334,8 +340,7 @@ class JiT(nn.Module):
         return x
 
     def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
-        B, p, g = img.shape[0], self.patch_size, self.grid
-        return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+        return to_patches(img, self.patch_size).flatten(2)
 
     def unpatchify(self, x):  # (B, grid*grid, C*p*p) -> (B, C, H, W)
         B, p, g = x.shape[0], self.patch_size, self.grid
@@ -346,7 +351,7 @@ class JiT(nn.Module):
         B_c <= B samples; the other samples have no condition (text, or a dropped prompt) and run on their
         target patches alone: no compute goes to empty condition slots, and no attention mask is needed.
         Returns x_hat (B, 3, H, W); a classifying head returns the expected color, or with logits=True its
-        logits: (B, digit_classes, 3, H, W) for digits, (B, token_classes, H, W) for tokens."""
+        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, token_classes, p*p) for tokens (to_patches)."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         c = F.silu(self.t_embed(timestep_embedding(t)))
@@ -362,11 +367,12 @@ class JiT(nn.Module):
         shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
             x = self.final(modulate(rms_norm(x.float()), shift, scale))
-            if self.token_classes:
-                token_logits = self.unpatchify(x)  # (B, V, H, W)
+            if self.token_classes:  # kept patch by patch: as (B, V, H, W) they cost a copy each way
+                token_logits = x.unflatten(-1, (self.token_classes, -1))  # (B, patches, V, p*p)
                 if logits:
                     return token_logits
-                return torch.einsum('bvhw,vc->bchw', token_logits.softmax(dim=1), self.token_colors)
+                colors = torch.einsum('bnvk,vc->bnck', token_logits.softmax(dim=2), self.token_colors)
+                return self.unpatchify(colors.flatten(2))
         if not self.digit_classes:
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
@@ -432,9 +438,11 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, token_c
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
     if token_classes:
-        ids = pixels_to_ids(x.permute(0, 2, 3, 1), round(token_classes ** (1 / 3)))
-        logits = model(z, t, cond, logits=True).float()
-        return (mask[:, 0] * F.cross_entropy(logits, ids, reduction='none')).sum() / mask.sum()
+        logits = model(z, t, cond, logits=True).float()  # (B, patches, V, p*p)
+        p = math.isqrt(logits.shape[-1])
+        ids = pixels_to_ids(to_patches(x, p).transpose(2, 3), round(token_classes ** (1 / 3)))  # as the logits
+        per_pixel = F.cross_entropy(logits.flatten(0, 1), ids.flatten(0, 1), reduction='none')
+        return (to_patches(mask, p)[:, :, 0].flatten(0, 1) * per_pixel).sum() / mask.sum()
     if digit_classes:
         digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
         logits = model(z, t, cond, logits=True).float()
@@ -458,7 +466,7 @@ def decide(model, z, t, cond, guidance):
     """Each pixel's most likely color under a classifying head (digit by digit, or the whole token)."""
     logits = predict(model, z, t, cond, guidance, logits=True)
     if model.token_classes:
-        return model.token_colors[logits.argmax(dim=1)].permute(0, 3, 1, 2)
+        return model.unpatchify(model.token_colors[logits.argmax(dim=2)].transpose(2, 3).flatten(2))
     return digit_values(logits.argmax(dim=1), model.digit_classes)
 
 

@@ -390,14 +390,25 @@ def test_rotary_positions_make_attention_depend_on_the_offset_alone(kind):
     assert not torch.allclose(plain(z, t), rotary(z, t), atol=1e-4)
 
 
+def logits_as_image(patch_logits, p):
+    """A token head's (B, patches, V, p*p) logits -> (B, V, H, W), pixel by pixel."""
+    B, n, V, _ = patch_logits.shape
+    g = math.isqrt(n)
+    image = torch.empty(B, V, g * p, g * p)
+    for patch in range(n):
+        for k in range(p * p):
+            image[:, :, patch // g * p + k // p, patch % g * p + k % p] = patch_logits[:, patch, :, k]
+    return image
+
+
 def test_a_token_head_predicts_the_expected_color_of_its_ids_and_answers_with_the_likeliest():
     torch.manual_seed(0)
     model = JiT(img_size=4, patch_size=2, n_layer=1, n_head=2, n_embd=32, token_classes=7 ** 3)
     with torch.no_grad():
         model.final.bias.normal_()
     z, t = torch.randn(1, 3, 4, 4), torch.rand(1)
-    logits = model(z, t, logits=True)
-    assert logits.shape == (1, 343, 4, 4)
+    assert model(z, t, logits=True).shape == (1, 4, 343, 4)  # 4 patches of 2x2 pixels
+    logits = logits_as_image(model(z, t, logits=True), 2)
     colors = pixeldlm.ids_to_pixels(torch.arange(343), 7).T  # (3, 343): the color of every id
     expected = torch.einsum('bvhw,cv->bchw', logits.softmax(dim=1), colors)
     assert torch.allclose(model(z, t), expected, atol=1e-6)
@@ -408,11 +419,11 @@ def test_a_token_head_predicts_the_expected_color_of_its_ids_and_answers_with_th
     loss = diffusion_loss(model, x, mask, t, noise, token_classes=343)
     z = t * x + (1 - t) * noise
     targets = image_to_ids(x, 7).view(1, 4, 4)
-    by_pixel = F.cross_entropy(model(z, t, logits=True), targets, reduction='none')
+    by_pixel = F.cross_entropy(logits_as_image(model(z, t, logits=True), 2), targets, reduction='none')
     assert loss.item() == pytest.approx(by_pixel[0, :3].mean().item(), rel=1e-5)
     noise = torch.randn(1, 3, 4, 4)
     out = ddim_sample(model, noise, steps=1)  # one step, the last: from pure noise straight to an answer
-    likeliest = model(noise, torch.zeros(1), logits=True).argmax(dim=1)  # (1, 4, 4) ids
+    likeliest = logits_as_image(model(noise, torch.zeros(1), logits=True), 2).argmax(dim=1)  # (1, 4, 4) ids
     assert torch.equal(out, pixeldlm.ids_to_pixels(likeliest, 7).permute(0, 3, 1, 2))  # whole tokens, no means
 
 
