@@ -207,12 +207,6 @@ def rms_norm(x):  # parameter-free: the adaLN shift and scale that follow do the
     return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
-def to_patches(img, p):
-    """(B, C, H, W) -> (B, patches, C, p*p): the p x p patches row by row, each one's pixels row by row."""
-    B, C, H, W = img.shape
-    return img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p * p)
-
-
 class Attention(nn.Module):
     def __init__(self, dim, n_head):
         super().__init__()
@@ -340,7 +334,8 @@ class JiT(nn.Module):
         return x
 
     def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
-        return to_patches(img, self.patch_size).flatten(2)
+        B, p, g = img.shape[0], self.patch_size, self.grid
+        return img.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
 
     def unpatchify(self, x):  # (B, grid*grid, C*p*p) -> (B, C, H, W)
         B, p, g = x.shape[0], self.patch_size, self.grid
@@ -351,7 +346,7 @@ class JiT(nn.Module):
         B_c <= B samples; the other samples have no condition (text, or a dropped prompt) and run on their
         target patches alone: no compute goes to empty condition slots, and no attention mask is needed.
         Returns x_hat (B, 3, H, W); a classifying head returns the expected color, or with logits=True its
-        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, token_classes, p*p) for tokens (to_patches)."""
+        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, token_classes, p*p) for tokens (to_grid's tiles)."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         c = F.silu(self.t_embed(timestep_embedding(t)))
@@ -371,8 +366,8 @@ class JiT(nn.Module):
                 token_logits = x.unflatten(-1, (self.token_classes, -1))  # (B, patches, V, p*p)
                 if logits:
                     return token_logits
-                colors = torch.einsum('bnvk,vc->bnck', token_logits.softmax(dim=2), self.token_colors)
-                return self.unpatchify(colors.flatten(2))
+                colors = torch.einsum('bnvk,vc->bnkc', token_logits.softmax(dim=2), self.token_colors)
+                return to_grid(colors.flatten(1, 2), self.patch_size)  # a patch's pixels are one tile
         if not self.digit_classes:
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
@@ -439,10 +434,10 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, token_c
     z = t4 * x + (1 - t4) * noise
     if token_classes:
         logits = model(z, t, cond, logits=True).float()  # (B, patches, V, p*p)
-        p = math.isqrt(logits.shape[-1])
-        ids = pixels_to_ids(to_patches(x, p).transpose(2, 3), round(token_classes ** (1 / 3)))  # as the logits
-        per_pixel = F.cross_entropy(logits.flatten(0, 1), ids.flatten(0, 1), reduction='none')
-        return (to_patches(mask, p)[:, :, 0].flatten(0, 1) * per_pixel).sum() / mask.sum()
+        tile = math.isqrt(logits.shape[-1])  # the ids and the mask read patch by patch too, as the logits
+        ids = image_to_ids(x, round(token_classes ** (1 / 3)), tile).view(-1, tile * tile)
+        per_pixel = F.cross_entropy(logits.flatten(0, 1), ids, reduction='none')
+        return (from_grid(mask, tile).view(-1, tile * tile) * per_pixel).sum() / mask.sum()
     if digit_classes:
         digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
         logits = model(z, t, cond, logits=True).float()
@@ -466,7 +461,7 @@ def decide(model, z, t, cond, guidance):
     """Each pixel's most likely color under a classifying head (digit by digit, or the whole token)."""
     logits = predict(model, z, t, cond, guidance, logits=True)
     if model.token_classes:
-        return model.unpatchify(model.token_colors[logits.argmax(dim=2)].transpose(2, 3).flatten(2))
+        return to_grid(model.token_colors[logits.argmax(dim=2)].flatten(1, 2), model.patch_size)
     return digit_values(logits.argmax(dim=1), model.digit_classes)
 
 
