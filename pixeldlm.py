@@ -346,7 +346,7 @@ class JiT(nn.Module):
         B_c <= B samples; the other samples have no condition (text, or a dropped prompt) and run on their
         target patches alone: no compute goes to empty condition slots, and no attention mask is needed.
         Returns x_hat (B, 3, H, W); a classifying head returns the expected color, or with logits=True its
-        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, token_classes, p*p) for tokens (to_grid's tiles)."""
+        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, token_classes, p*p) for tokens (to_grid tiles)."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         c = F.silu(self.t_embed(timestep_embedding(t)))
