@@ -346,7 +346,7 @@ class JiT(nn.Module):
         B_c <= B samples; the other samples have no condition (text, or a dropped prompt) and run on their
         target patches alone: no compute goes to empty condition slots, and no attention mask is needed.
         Returns x_hat (B, 3, H, W); a classifying head returns the expected color, or with logits=True its
-        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, token_classes, p*p) for tokens (to_grid tiles)."""
+        logits: (B, digit_classes, 3, H, W) for digits, (B, patches, p*p, token_classes) for tokens (to_grid tiles)."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
         c = F.silu(self.t_embed(timestep_embedding(t)))
@@ -361,13 +361,17 @@ class JiT(nn.Module):
             x = torch.cat(parts)
         shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
-            x = self.final(modulate(rms_norm(x.float()), shift, scale))
-            if self.token_classes:  # kept patch by patch: as (B, V, H, W) they cost a copy each way
-                token_logits = x.unflatten(-1, (self.token_classes, -1))  # (B, patches, V, p*p)
+            x = modulate(rms_norm(x.float()), shift, scale)
+            if self.token_classes:  # the head's rows go id by id, (V, p*p) as in checkpoints; read pixel by pixel,
+                # each pixel's V logits lie side by side, where a softmax over them runs 3x faster
+                V, weight, bias = self.token_classes, self.final.weight, self.final.bias
+                token_logits = F.linear(x, weight.unflatten(0, (V, -1)).transpose(0, 1).flatten(0, 1),
+                                        bias.view(V, -1).T.flatten()).unflatten(-1, (-1, V))  # (B, patches, p*p, V)
                 if logits:
                     return token_logits
-                colors = torch.einsum('bnvk,vc->bnkc', token_logits.softmax(dim=2), self.token_colors)
+                colors = token_logits.softmax(dim=-1) @ self.token_colors  # (B, patches, p*p, 3)
                 return to_grid(colors.flatten(1, 2), self.patch_size)  # a patch's pixels are one tile
+            x = self.final(x)
         if not self.digit_classes:
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
@@ -433,11 +437,11 @@ def diffusion_loss(model, x, mask, t, noise, digit_classes=0, cond=None, token_c
     t4 = t.view(-1, 1, 1, 1)
     z = t4 * x + (1 - t4) * noise
     if token_classes:
-        logits = model(z, t, cond, logits=True).float()  # (B, patches, V, p*p)
-        tile = math.isqrt(logits.shape[-1])  # the ids and the mask read patch by patch too, as the logits
-        ids = image_to_ids(x, round(token_classes ** (1 / 3)), tile).view(-1, tile * tile)
-        per_pixel = F.cross_entropy(logits.flatten(0, 1), ids, reduction='none')
-        return (from_grid(mask, tile).view(-1, tile * tile) * per_pixel).sum() / mask.sum()
+        logits = model(z, t, cond, logits=True).float()  # (B, patches, p*p, V)
+        tile = math.isqrt(logits.shape[2])  # the ids and the mask read patch by patch too, as the logits
+        ids = image_to_ids(x, round(token_classes ** (1 / 3)), tile).view(-1)
+        per_pixel = F.cross_entropy(logits.view(-1, token_classes), ids, reduction='none')
+        return (from_grid(mask, tile).view(-1) * per_pixel).sum() / mask.sum()
     if digit_classes:
         digits = torch.round((x + 1) / 2 * (digit_classes - 1)).long()
         logits = model(z, t, cond, logits=True).float()
@@ -461,7 +465,7 @@ def decide(model, z, t, cond, guidance):
     """Each pixel's most likely color under a classifying head (digit by digit, or the whole token)."""
     logits = predict(model, z, t, cond, guidance, logits=True)
     if model.token_classes:
-        return to_grid(model.token_colors[logits.argmax(dim=2)].flatten(1, 2), model.patch_size)
+        return to_grid(model.token_colors[logits.argmax(dim=-1)].flatten(1, 2), model.patch_size)
     return digit_values(logits.argmax(dim=1), model.digit_classes)
 
 

@@ -391,13 +391,13 @@ def test_rotary_positions_make_attention_depend_on_the_offset_alone(kind):
 
 
 def logits_as_image(patch_logits, p):
-    """A token head's (B, patches, V, p*p) logits -> (B, V, H, W), pixel by pixel."""
-    B, n, V, _ = patch_logits.shape
+    """A token head's (B, patches, p*p, V) logits -> (B, V, H, W), pixel by pixel."""
+    B, n, _, V = patch_logits.shape
     g = math.isqrt(n)
     image = torch.empty(B, V, g * p, g * p)
     for patch in range(n):
         for k in range(p * p):
-            image[:, :, patch // g * p + k // p, patch % g * p + k % p] = patch_logits[:, patch, :, k]
+            image[:, :, patch // g * p + k // p, patch % g * p + k % p] = patch_logits[:, patch, k, :]
     return image
 
 
@@ -407,7 +407,13 @@ def test_a_token_head_predicts_the_expected_color_of_its_ids_and_answers_with_th
     with torch.no_grad():
         model.final.bias.normal_()
     z, t = torch.randn(1, 3, 4, 4), torch.rand(1)
-    assert model(z, t, logits=True).shape == (1, 4, 343, 4)  # 4 patches of 2x2 pixels
+    assert model(z, t, logits=True).shape == (1, 4, 4, 343)  # 4 patches of 2x2 pixels
+    # the checkpoint layout: the head's output row v * p*p + k is id v at pixel k of a patch
+    with torch.no_grad():
+        saved_bias = model.final.bias.clone()
+        model.final.weight.zero_()
+        assert torch.equal(model(z, t, logits=True)[0, 2], saved_bias.view(343, 4).T)
+        model.final.weight.normal_()
     logits = logits_as_image(model(z, t, logits=True), 2)
     colors = pixeldlm.ids_to_pixels(torch.arange(343), 7).T  # (3, 343): the color of every id
     expected = torch.einsum('bvhw,cv->bchw', logits.softmax(dim=1), colors)
