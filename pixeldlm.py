@@ -1172,8 +1172,8 @@ def setup_device(name, local_rank=0, ddp=False):
 
 def keep_freed_memory():
     """glibc hands big freed buffers back to the kernel (munmap, or a trimmed heap), so every CPU step faults its
-    tensors' pages in afresh: 6,000 faults (23 MB) a step for the classroom model, a tenth of its time on 2 cores
-    (README). PyTorch's CPU tuning guide swaps in jemalloc for this; two glibc settings do it too: buffers up to
+    tensors' pages in afresh: 5,500 faults (22 MB) a step for the classroom model, a tenth of its time on 2 cores
+    (README). PyTorch's tuning guide swaps in jemalloc or TCMalloc; two glibc settings do it too: buffers up to
     32 MB (its most) come from the heap, and the heap keeps what it has. Other C libraries are left alone."""
     try:
         libc = ctypes.CDLL('libc.so.6')
