@@ -4,6 +4,7 @@ Tests that read as the specification of PixelDLM. Run: python -m pytest -q test_
 import json
 import math
 import os
+import platform
 import re
 import resource
 import signal
@@ -1080,7 +1081,7 @@ def test_a_gpu_is_named_by_its_index_alone_and_under_torchrun(monkeypatch):
         pixeldlm.setup_device('cuda')
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's settings; other C libraries keep theirs")
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason="glibc's settings; other C libraries keep theirs")
 def test_a_cpu_process_keeps_freed_memory_for_its_next_step():
     # a step's shape: many big buffers alive at once, then all freed; the second step should find them in place
     probe = """
