@@ -70,7 +70,6 @@ n_embd = 768
 # design's 256 learned nothing of cl100k_base in a GPU run (README, "The 8-GPU defaults")
 color_base = 0
 objective = 'digits'  # cross-entropy on each channel's 'digits', on whole 'tokens', or 'v': JiT's v-loss on pixels
-likelihood = False  # a classifying head adds each pixel's own evidence, log p(z_t | color), to its logits
 pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': the original
 rope = 'text'  # rotary positions in attention: a patch's place in the 'text' (reading order), its 'grid' row and
                # column (JiT's 2D), or 'none'; on top of the fixed sin-cos table
@@ -124,12 +123,11 @@ presets = {
                       compile=False),
 }
 # what the weights fix: a resumed or fine-tuned run takes these from its checkpoint whatever the command line says
-MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope',
-              'likelihood')
+MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
                  'pixel_order': 'row', 'rope': 'none', 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0,
-                 'renoise_above': 1.0, 'likelihood': False}
+                 'renoise_above': 1.0}
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +288,7 @@ class JiT(nn.Module):
     model_from_config builds it from a run's config; its own defaults are the original design's plain model."""
 
     def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope='none',
-                 tile=1, likelihood=False):
+                 tile=1):
         super().__init__()
         assert img_size % patch_size == 0, "img_size must be a multiple of patch_size"
         assert n_embd % n_head == 0 and n_embd % 4 == 0, "n_embd must be a multiple of n_head and of 4"
@@ -313,7 +311,6 @@ class JiT(nn.Module):
         # the head regresses pixel values, or (digit_classes = b) gives logits for each channel's base-b digit, or
         # (token_classes = b**3) logits for every color, that is every id
         self.digit_classes, self.token_classes = digit_classes, token_classes
-        self.likelihood = likelihood
         if token_classes:
             colors = ids_to_pixels(torch.arange(token_classes), round(token_classes ** (1 / 3)))
             self.register_buffer('token_colors', colors, persistent=False)  # (V, 3): the color of each id
@@ -371,9 +368,6 @@ class JiT(nn.Module):
                 V, weight, bias = self.token_classes, self.final.weight, self.final.bias
                 token_logits = F.linear(x, weight.unflatten(0, (V, -1)).transpose(0, 1).flatten(0, 1),
                                         bias.view(V, -1).T.flatten()).unflatten(-1, (-1, V))  # (B, patches, p*p, V)
-                if self.likelihood:  # the pixels of z_t in the logits' order, their 3 channels at once
-                    own = from_grid(z.float(), self.patch_size).view(len(z), n, -1, 3)
-                    token_logits = token_logits + evidence(own, t.view(-1, 1, 1, 1), self.token_colors)
                 if logits:
                     return token_logits
                 colors = token_logits.softmax(dim=-1) @ self.token_colors  # (B, patches, p*p, 3)
@@ -383,22 +377,10 @@ class JiT(nn.Module):
             return self.unpatchify(x)
         B, C = len(x), self.digit_classes
         digit_logits = self.unpatchify(x.view(B, n, -1, C).permute(0, 3, 1, 2).flatten(0, 1)).unflatten(0, (B, C))
-        levels = digit_values(torch.arange(C, device=x.device), C)
-        if self.likelihood:  # each channel on its own: (B, 3, H, W, C) -> (B, C, 3, H, W)
-            own = evidence(z.float().unsqueeze(-1), t.view(-1, 1, 1, 1, 1), levels[:, None])
-            digit_logits = digit_logits + own.permute(0, 4, 1, 2, 3)
         if logits:
             return digit_logits
-        return (digit_logits.softmax(dim=1) * levels.view(1, C, 1, 1, 1)).sum(dim=1)
-
-
-def evidence(z, t, colors):
-    """What a noisy pixel says by itself: log p(z_t | x = color) for each candidate color, up to a constant of the
-    pixel. z_t = t*x + (1-t)*noise is Gaussian around t*color with std 1-t, so near t = 1 it names its color exactly,
-    which a network would have to learn as a staircase of many steps; near t = 0 it is flat. Added to the logits,
-    the network learns only what the rest of the image says. z: (..., K) channels, t broadcasts, colors: (V, K)."""
-    t = t.float()
-    return (t * z @ colors.T - t ** 2 / 2 * (colors ** 2).sum(-1)) / (1 - t).clamp(min=1e-3) ** 2
+        colors = digit_values(torch.arange(C, device=x.device), C).view(1, C, 1, 1, 1)
+        return (digit_logits.softmax(dim=1) * colors).sum(dim=1)
 
 
 def tile_of(config):
@@ -411,7 +393,7 @@ def model_from_config(config):
     return JiT(config['img_size'], config['patch_size'], config['n_layer'], config['n_head'], config['n_embd'],
                digit_classes=config['color_base'] if config['objective'] == 'digits' else 0,
                token_classes=config['color_base'] ** 3 if config['objective'] == 'tokens' else 0, rope=config['rope'],
-               tile=tile_of(config), likelihood=config['likelihood'])
+               tile=tile_of(config))
 
 
 def timestep_embedding(t, dim=256):

@@ -434,33 +434,6 @@ def test_a_token_head_predicts_the_expected_color_of_its_ids_and_answers_with_th
     assert torch.equal(out, pixeldlm.ids_to_pixels(likeliest, 7).permute(0, 3, 1, 2))  # whole tokens, no means
 
 
-@pytest.mark.parametrize('objective', ['digits', 'tokens'])
-def test_evidence_adds_each_pixels_gaussian_likelihood_so_a_fresh_head_reads_a_nearly_clean_image(objective):
-    torch.manual_seed(0)
-    head = dict(digit_classes=7) if objective == 'digits' else dict(token_classes=7 ** 3)
-    model = JiT(img_size=4, patch_size=2, n_layer=1, n_head=2, n_embd=32, tile=2, likelihood=True, **head)
-    ids = torch.randint(0, 343, (2, 16))
-    x, noise, t = ids_to_image(ids, 7, 2), torch.randn(2, 3, 4, 4), torch.tensor([0.3, 0.97])
-    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * noise
-    # zero init: the network adds nothing yet, so the logits are log N(z; t*color, (1-t)^2) up to a constant
-    colors = pixeldlm.ids_to_pixels(torch.arange(343), 7)  # (343, 3)
-    if objective == 'digits':
-        candidates = (z[:, None] - t.view(-1, 1, 1, 1, 1) * torch.linspace(-1, 1, 7).view(1, 7, 1, 1, 1)) ** 2
-        log_likelihood = -candidates / (2 * (1 - t.view(-1, 1, 1, 1, 1)) ** 2)  # (B, 7, 3, H, W)
-        logits, dim = model(z, t, logits=True), 1
-    else:
-        pixels = from_grid(z, 2).view(2, 4, 4, 1, 3)  # 4 patches of 4 pixels, in the logits' order
-        squares = ((pixels - t.view(-1, 1, 1, 1, 1) * colors) ** 2).sum(-1)  # (B, patches, p*p, 343)
-        log_likelihood = -squares / (2 * (1 - t.view(-1, 1, 1, 1)) ** 2)
-        logits, dim = model(z, t, logits=True), -1
-    assert torch.allclose(logits.log_softmax(dim), log_likelihood.log_softmax(dim), atol=1e-4)
-    # near the clean end the pixel names its own color: no training needed; at t = 0.3 it is a guess
-    answer = image_to_ids(pixeldlm.decide(model, z, t, None, 1.0), 7, 2)  # its likeliest colors
-    assert torch.equal(answer[1], ids[1]) and (answer[0] == ids[0]).float().mean() < 0.5
-    without = JiT(img_size=4, patch_size=2, n_layer=1, n_head=2, n_embd=32, tile=2, **head)
-    assert without(z, t).abs().max() < 1e-6  # the plain head starts grey everywhere
-
-
 def test_eta_one_draws_each_step_from_the_ddpm_posterior():
     torch.manual_seed(0)
     x, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
