@@ -605,7 +605,8 @@ def test_resume_continues_exactly(data_dir, tmp_path, muon):
 
 def test_muon_is_torchs_update_with_newton_schulz_in_fp32_where_bf16_is_emulated(monkeypatch):
     torch.manual_seed(0)
-    shapes = [(8, 24), (24, 8), (16, 16)]  # wide, tall (iterated transposed), square
+    shapes = [(8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]  # wide, tall (iterated transposed), square; the same
+    # shapes twice, as the same layer of two blocks, which orthogonalize together in one batch
     start = [torch.randn(shape) for shape in shapes]
     params = {name: [w.clone().requires_grad_() for w in start] for name in ('torch', 'bf16', 'fp32')}
     settings = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn='original')
