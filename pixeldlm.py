@@ -100,7 +100,7 @@ min_lr = 2e-5
 # system
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or name one: 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto': bfloat16 autocast on CUDA and on CPUs with bf16 instructions, else float32
-compile = True  # torch.compile the model: on GPUs, and on a CPU with a C++ compiler (eager where there is none)
+compile = True  # torch.compile the model (worth it on GPUs; slow to start on a CPU)
 seed = 1337
 peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up in PEAK_FLOPS
 collective_timeout = 600  # seconds a process waits for the others before it stops the run, naming who is missing
@@ -119,7 +119,8 @@ presets = {
                       time_shift=8.0, eta=1.0, renoise_above=0.73,
                       img_size=16, patch_size=2, n_layer=6, n_head=2, n_embd=128,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=1200,
-                      warmup_iters=100, ema_decay=0.999, eval_interval=400, eval_iters=10, log_interval=100),
+                      warmup_iters=100, ema_decay=0.999, eval_interval=400, eval_iters=10, log_interval=100,
+                      compile=False),
 }
 # what the weights fix: a resumed or fine-tuned run takes these from its checkpoint whatever the command line says
 MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_base', 'objective', 'pixel_order', 'rope')
@@ -835,31 +836,6 @@ def cpu_has_bf16():
                                                                      '_is_amx_tile_supported'))
 
 
-def compiled(model, dev, master):
-    """The model under torch.compile: whole on CUDA; on a CPU block by block, where inductor can build its C++
-    kernels. The six blocks share one compiled graph (torchtitan compiles per block for the same reason): on 2
-    cores a cold start costs 21 s instead of the whole model's 74 s, which a short run would never win back. One
-    tiny function compiled first tells whether a working C++ compiler is there (Windows without MSVC, macOS's clang
-    without OpenMP have none): if not, the run trains eager and says so, rather than failing at its first step.
-    Not on MPS: not measured there."""
-    reason = 'not measured on MPS' if dev == 'mps' else ''
-    if dev == 'cpu':
-        try:
-            torch.compile(lambda x: x.sin() * 2)(torch.ones(8))
-        except Exception as error:  # inductor's InvalidCxxCompiler and kin
-            reason = str(error).strip().splitlines()[0]
-    if master:
-        print(f"torch.compile: off ({reason}); training eager: the same arithmetic up to rounding, only slower"
-              if reason else "torch.compile: on (the first iterations are slow: they compile)")
-    if reason:
-        return model
-    if dev.startswith('cuda'):
-        return torch.compile(model)
-    for block in model.blocks:
-        block.compile()
-    return model
-
-
 def describe_run(model, data, dev, world_size, autocast, iter_num):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"JiT: {n_params:,} parameters ({n_params / 1e6:.2f}M); {img_size}x{img_size} images, patch "
@@ -952,7 +928,7 @@ def train():
     dev, autocast = setup_processes(ddp, local_rank)
     model, ema, optimizers, iter_num = build_model(checkpoint, dev)
     checkpoint = None  # free it
-    train_model = compiled(model, dev, master) if compile else model
+    train_model = torch.compile(model) if compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[torch.device(dev).index] if dev.startswith('cuda') else None)
     if master:

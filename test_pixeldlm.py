@@ -53,9 +53,9 @@ def copy_dir(tmp_path_factory):  # prompt/answer pairs in bytes: copy a few word
     return str(out)
 
 
-def run(script, *args, check=True, cwd=REPO, env=None):
+def run(script, *args, check=True, cwd=REPO):
     """Run a project script as a user would; returns the finished process (stdout + stderr in .out)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, **(env or {}))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, *script.split(), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     proc.out = proc.stdout + proc.stderr
@@ -557,22 +557,6 @@ def assert_same_optimizer_states(a, b, muon):  # two checkpoints: AdamW's state,
 
 def logged_losses(out):
     return [float(m) for m in re.findall(r'iter \d+/\d+ \(\d+%\): loss ([0-9.]+)', out)]
-
-
-def test_compile_on_a_cpu_learns_what_eager_learns_and_without_a_cpp_compiler_the_run_trains_eager(data_dir,
-                                                                                                 tmp_path):
-    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=3', '--dtype=float32', '--muon_lr=0.02']
-    eager = run('pixeldlm.py', *args, f'--out_dir={tmp_path}/eager')
-    compiled = run('pixeldlm.py', *args, '--compile=True', f'--out_dir={tmp_path}/compiled')
-    assert len(logged_losses(eager.out)) == 3
-    assert logged_losses(compiled.out) == pytest.approx(logged_losses(eager.out), abs=2e-4)
-    assert 'torch.compile: on' in compiled.out or sys.platform != 'linux'  # elsewhere a C++ compiler may be missing
-    # inductor finds its C++ compiler through $CXX: a missing one is what Windows without MSVC looks like
-    no_cxx = run('pixeldlm.py', *args, '--compile=True', f'--out_dir={tmp_path}/no_cxx',
-                 env={'CXX': str(tmp_path / 'no-such-g++')})
-    assert 'torch.compile: off (' in no_cxx.out and 'training eager' in no_cxx.out
-    assert logged_losses(no_cxx.out) == logged_losses(eager.out)
-    assert load(tmp_path / 'no_cxx/ckpt.pt')['iter_num'] == 3
 
 
 @pytest.mark.parametrize('muon', [[], ['--muon_lr=0.02']], ids=['adamw', 'muon'])
