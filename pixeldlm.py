@@ -76,6 +76,7 @@ rope = 'text'  # rotary positions in attention: a patch's place in the 'text' (r
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = 0.0  # t centred on 0.5; JiT's -0.8 (noisier t) learned less of cl100k_base and of bytes
 P_std = 0.8
+sample_steps = 20  # the sampler's steps from noise to text (sample.py --steps overrides it)
 time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 packs them towards the clean end
 eta = 0.0  # the sampler's noise: 0 is deterministic DDIM, 1 draws each step from the DDPM posterior
 time_delay = 0.0  # the sampler tells the model t - time_delay, a noisier time than z_t's: sharper samples
@@ -112,11 +113,12 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
     # t in a narrow band nearer the clean end, Muon, fresh noise when sampling, late steps above that band, where the
-    # model, never trained there, keeps revising letters instead of copying, all of their noise drawn afresh) were
-    # measured in README. Width 128: on a CPU without bf16 it wrote more words per minute than 192 or 256.
+    # model, never trained there, keeps revising letters instead of copying, all of their noise drawn afresh; 100
+    # steps, not 20: more revisions, more words, for 0.35 s a sample) were measured in README. Width 128: on a CPU
+    # without bf16 it wrote more words per minute than 192 or 256.
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
-                      time_shift=8.0, eta=1.0, renoise_above=0.73,
+                      sample_steps=100, time_shift=8.0, eta=1.0, renoise_above=0.73,
                       img_size=16, patch_size=2, n_layer=6, n_head=2, n_embd=128,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=1200,
                       warmup_iters=100, ema_decay=0.999, eval_interval=400, eval_iters=10, log_interval=100,
@@ -127,7 +129,7 @@ MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_ba
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
                  'pixel_order': 'row', 'rope': 'none', 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0,
-                 'renoise_above': 1.0}
+                 'renoise_above': 1.0, 'sample_steps': 20}
 
 
 # -----------------------------------------------------------------------------
@@ -1068,7 +1070,7 @@ def check_config():
         if not ok:
             sys.exit(f"error: --{key}={globals()[key]!r} is out of range: it must be {allowed}")
     for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters',
-                'max_iters', 'lr_decay_iters', 'img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd'):
+                'max_iters', 'lr_decay_iters', 'img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'sample_steps'):
         require(globals()[key] >= 1, key, 'at least 1')
     for key in ('warmup_iters', 'seed', 'learning_rate', 'muon_lr', 'min_lr', 'weight_decay', 'grad_clip',
                 'peak_flops'):

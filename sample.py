@@ -279,7 +279,7 @@ if __name__ == '__main__':
     parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
     parser.add_argument('--num_samples', type=int, help='samples to print (default 3), or for --eval (default 32)')
     parser.add_argument('--batch_size', type=int, default=64, help='samples generated at once (memory grows with it)')
-    parser.add_argument('--steps', type=int, default=20, help='DDIM steps')
+    parser.add_argument('--steps', type=int, help="DDIM steps (default: the checkpoint's sample_steps)")
     parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
     parser.add_argument('--eta', type=float, help="0: deterministic DDIM, 1: DDPM steps (default: the checkpoint's)")
     parser.add_argument('--time_delay', type=float,
@@ -340,6 +340,7 @@ if __name__ == '__main__':
     model.load_state_dict(checkpoint['ema'])
     model.eval()
     enc = get_encoding(meta['encoding'])
+    steps = config['sample_steps'] if args.steps is None else args.steps
     time_shift = config['time_shift'] if args.time_shift is None else args.time_shift
     guidance = config['guidance'] if args.guidance is None else args.guidance
     tile = model.tile
@@ -355,9 +356,9 @@ if __name__ == '__main__':
                      f"{meta['encoding']} ids; give --data_dir data in the same encoding")
         with autocast:
             report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
-                                    args.seed, args.steps, time_shift, guidance, n_samples=args.num_samples or 32,
+                                    args.seed, steps, time_shift, guidance, n_samples=args.num_samples or 32,
                                     **sampler)
-        print_report(report, ckpt_path, args.seed, args.steps, time_shift, sampler)
+        print_report(report, ckpt_path, args.seed, steps, time_shift, sampler)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
     n_samples = (args.num_samples or 3) if prompts is None else len(prompts)
@@ -367,7 +368,7 @@ if __name__ == '__main__':
         trajectory = [] if args.show_steps else None
         try:
             with autocast:
-                images, ids = generate(model, n, args.steps, args.seed, config['color_base'], enc.eot_token,
+                images, ids = generate(model, n, steps, args.seed, config['color_base'], enc.eot_token,
                                        time_shift, None if prompts is None else prompt_ids[first:first + n],
                                        guidance, first, trajectory, **sampler)
         except ValueError as e:  # a prompt too long for the condition image
@@ -376,15 +377,15 @@ if __name__ == '__main__':
             show_steps(trajectory, config['color_base'], tile, enc, first, shutil.get_terminal_size().columns - 16)
         for i, row in enumerate(ids.tolist(), first):
             text, n_invalid = ids_to_text(row, enc)
-            about = f"{args.steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
+            about = f"{steps} DDIM steps, seed {args.seed}, {n_invalid} invalid ids"
             if prompts is None:
                 print(f"---------- sample {i} ({about})")
             else:
                 print(f"---------- prompt {i}: {prompts[i]!r} (guidance {guidance:g}, {about})")
             print(text)
         if args.png and args.show_steps:  # a row per sample: z_t and x_hat at every step
-            steps = [(to_pixels(z), to_pixels(x_hat)) for _, z, x_hat in trajectory]
-            cells += [join([join([z[k], x_hat[k]], 2, 1) for z, x_hat in steps], 2, 4) for k in range(n)]
+            frames = [(to_pixels(z), to_pixels(x_hat)) for _, z, x_hat in trajectory]
+            cells += [join([join([z[k], x_hat[k]], 2, 1) for z, x_hat in frames], 2, 4) for k in range(n)]
         elif args.png and prompts is not None:  # each prompt left of its answer
             side = images.shape[-1]
             asked = to_pixels(prompt_images(prompt_ids[first:first + n], side, config['color_base'], enc.eot_token,

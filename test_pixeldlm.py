@@ -1404,6 +1404,7 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
     (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
     (['--renoise_above=1.5'], '--renoise_above=1.5 is out of range: it must be between 0 and 1'),
+    (['--sample_steps=0'], '--sample_steps=0 is out of range: it must be at least 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1488,7 +1489,7 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
         '--pixel_order=row', '--rope=none')
     checkpoint = load(tmp_path / 'made/ckpt.pt')
     for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta',
-                'time_delay', 'renoise_above'):
+                'time_delay', 'renoise_above', 'sample_steps'):
         del checkpoint['config'][key]
     (tmp_path / 'old').mkdir()
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
@@ -1498,7 +1499,7 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
     run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
     resumed = load(tmp_path / 'old/ckpt.pt')['config']  # added in later versions: what those runs used
     assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta'], resumed['time_delay'],
-            resumed['renoise_above']) == ('v', 'row', 'none', 0.0, 0.0, 1.0)
+            resumed['renoise_above'], resumed['sample_steps']) == ('v', 'row', 'none', 0.0, 0.0, 1.0, 20)
     checkpoint['config']['rope'] = True  # before rotary positions came in kinds: on the grid
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     assert pixeldlm.load_checkpoint(tmp_path / 'old/ckpt.pt')['config']['rope'] == 'grid'
@@ -1572,6 +1573,30 @@ def test_sample_py_gives_the_sampler_the_checkpoints_settings_or_the_flags(train
         out = capsys.readouterr().out
         assert delays and set(delays) == {expected}, (flags, delays)
         assert '--eval' not in flags or f"{key.replace('_', ' ')} {expected:g}" in out
+
+
+def test_sample_py_takes_its_steps_from_the_checkpoint_or_the_flag(trained, tmp_path, monkeypatch, capsys):
+    import inspect
+    import runpy
+    checkpoint = load(trained / 'ckpt.pt')
+    checkpoint['config']['sample_steps'] = 3  # the classroom preset saves 100
+    torch.save(checkpoint, tmp_path / 'ckpt.pt')
+    steps, sampler = [], pixeldlm.ddim_sample
+
+    def recording_sampler(*args, **kwargs):
+        steps.append(inspect.signature(sampler).bind(*args, **kwargs).arguments['steps'])
+        return sampler(*args, **kwargs)
+    monkeypatch.setattr(pixeldlm, 'ddim_sample', recording_sampler)
+    for flags, expected in [([], 3), (['--steps=2'], 2), (['--eval'], 3)]:
+        steps.clear()
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={tmp_path}', '--num_samples=2', '--device=cpu',
+                                          *flags])
+        try:
+            runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
+        except SystemExit as e:  # --eval ends with sys.exit(0)
+            assert e.code == 0
+        assert steps and set(steps) == {expected}, (flags, steps)
+        assert f'{expected} DDIM steps' in capsys.readouterr().out
 
 
 def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp_path, capsys):
