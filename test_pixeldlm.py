@@ -1548,55 +1548,38 @@ def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, 
     assert texts[2] == texts[5] and texts[2].count('---------- sample') == 5
 
 
-@pytest.mark.parametrize('key', ['time_delay', 'renoise_above'])
+@pytest.mark.parametrize('key, flag, saved, given, shown', [
+    ('time_delay', 'time_delay', 0.4, 0.0, 'time delay {:g}'),  # 0: a flag that is falsy still wins
+    ('renoise_above', 'renoise_above', 0.4, 0.0, 'renoise above {:g}'),
+    ('sample_steps', 'steps', 3, 2, '{} DDIM steps'),  # the classroom preset saves 100
+])
 def test_sample_py_gives_the_sampler_the_checkpoints_settings_or_the_flags(trained, tmp_path, monkeypatch, capsys,
-                                                                          key):
+                                                                          key, flag, saved, given, shown):
     import inspect
     import runpy
     checkpoint = load(trained / 'ckpt.pt')
-    checkpoint['config'][key] = 0.4
+    checkpoint['config']['sample_steps'] = 2  # quick, unless the key under test says otherwise
+    checkpoint['config'][key] = saved
     torch.save(checkpoint, tmp_path / 'ckpt.pt')
-    delays, sampler = [], pixeldlm.ddim_sample
+    argument = 'steps' if key == 'sample_steps' else key  # ddim_sample's name for it
+    seen, sampler = [], pixeldlm.ddim_sample
 
     def recording_sampler(*args, **kwargs):
-        delays.append(inspect.signature(sampler).bind(*args, **kwargs).arguments.get(key))
+        seen.append(inspect.signature(sampler).bind(*args, **kwargs).arguments.get(argument))
         return sampler(*args, **kwargs)
     monkeypatch.setattr(pixeldlm, 'ddim_sample', recording_sampler)
-    for flags, expected in [([], 0.4), ([f'--{key}=0.25'], 0.25), (['--eval'], 0.4), (['--eval', f'--{key}=0'], 0)]:
-        delays.clear()
-        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={tmp_path}', '--num_samples=2', '--steps=2',
-                                          '--device=cpu', *flags])
-        try:
-            runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
-        except SystemExit as e:  # --eval ends with sys.exit(0)
-            assert e.code == 0
-        out = capsys.readouterr().out
-        assert delays and set(delays) == {expected}, (flags, delays)
-        assert '--eval' not in flags or f"{key.replace('_', ' ')} {expected:g}" in out
-
-
-def test_sample_py_takes_its_steps_from_the_checkpoint_or_the_flag(trained, tmp_path, monkeypatch, capsys):
-    import inspect
-    import runpy
-    checkpoint = load(trained / 'ckpt.pt')
-    checkpoint['config']['sample_steps'] = 3  # the classroom preset saves 100
-    torch.save(checkpoint, tmp_path / 'ckpt.pt')
-    steps, sampler = [], pixeldlm.ddim_sample
-
-    def recording_sampler(*args, **kwargs):
-        steps.append(inspect.signature(sampler).bind(*args, **kwargs).arguments['steps'])
-        return sampler(*args, **kwargs)
-    monkeypatch.setattr(pixeldlm, 'ddim_sample', recording_sampler)
-    for flags, expected in [([], 3), (['--steps=2'], 2), (['--eval'], 3)]:
-        steps.clear()
+    for flags, expected in [([], saved), ([f'--{flag}={given}'], given), (['--eval'], saved),
+                            (['--eval', f'--{flag}={given}'], given)]:
+        seen.clear()
         monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={tmp_path}', '--num_samples=2', '--device=cpu',
                                           *flags])
         try:
             runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
         except SystemExit as e:  # --eval ends with sys.exit(0)
             assert e.code == 0
-        assert steps and set(steps) == {expected}, (flags, steps)
-        assert f'{expected} DDIM steps' in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert seen and set(seen) == {expected}, (flags, seen)
+        assert '--eval' not in flags or shown.format(expected) in out
 
 
 def test_show_steps_prints_every_step_and_draws_z_and_x_hat_of_each(trained, tmp_path, capsys):
