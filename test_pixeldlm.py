@@ -1431,6 +1431,7 @@ def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_b
     (['--time_shift=0'], '--time_shift must be a finite number > 0'),
     (['--batch_size=0'], '--batch_size must be at least 1'),
     (['--num_samples=0'], '--num_samples must be at least 1'),
+    (['--steps=0'], '--steps must be at least 1'),
     (['--eta=-0.5'], '--eta must be between 0 and 1'),
     (['--time_delay=2'], '--time_delay must be between 0 and 1'),
     (['--renoise_above=-1'], '--renoise_above must be between 0 and 1'),
