@@ -107,7 +107,7 @@ peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up
 collective_timeout = 600  # seconds a process waits for the others before it stops the run, naming who is missing
 preset = ''  # start from a named set of values below; flags after it still win
 # -----------------------------------------------------------------------------
-# configure() (in the plumbing at the end) applies the preset, a resumed run's saved values, then the flags
+# configure() (in the plumbing at the end) applies the preset, then a resumed run's saved values, then the flags
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 presets = {
@@ -720,7 +720,10 @@ class Muon(torch.optim.Muon):
             lr, momentum, (a, b, c) = group['lr'], group['momentum'], group['ns_coefficients']
             params = [p for p in group['params'] if p.grad is not None]
             grads = [p.grad for p in params]
-            buffers = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in params]
+            for p in params:
+                if 'momentum_buffer' not in self.state[p]:
+                    self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+            buffers = [self.state[p]['momentum_buffer'] for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group['nesterov'] else buffers
             # iterate on the wide form (X X^T is the smaller square), the matrices of one shape (a layer of every
@@ -760,7 +763,11 @@ def build_model(checkpoint, dev):
         if init_from == 'resume':
             model.load_state_dict(checkpoint['model'])
             for optimizer, key in zip(optimizers, OPTIMIZER_KEYS):
-                optimizer.load_state_dict(checkpoint[key])
+                optimizer.load_state_dict(checkpoint[key])  # which brings back the saved settings too, so
+                for group in optimizer.param_groups:  # the config's win again (the loop sets the lr)
+                    group['weight_decay'] = weight_decay
+                    if 'betas' in group:
+                        group['betas'] = (beta1, beta2)
         else:  # the EMA weights are the pretrained model's best
             model.load_state_dict(checkpoint['ema'])
         ema.load_state_dict(checkpoint['ema'])
@@ -1004,8 +1011,9 @@ def train():
 
 def configure(args):
     """The run's configuration, settled before anything starts: the defaults above, then the preset, then what a
-    resumed run saved (or, to fine-tune, what the weights fix), then --key=value flags; then every value is
-    checked against its range, so a bad value is one line naming the flag, never a traceback."""
+    resumed run saved (or, to fine-tune, what the weights fix), then --key=value flags, except over what the
+    weights fix (MODEL_KEYS: a note says so); then every value is checked against its range, so a bad value is
+    one line naming the flag, never a traceback."""
     flags, rest = [], list(args)
     while rest:
         arg = rest.pop(0)
@@ -1021,17 +1029,20 @@ def configure(args):
             hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ''
             sys.exit(f"error: unknown config key --{key}{hint}; see the config block at the top of pixeldlm.py")
         flags.append((key, value))
-    given = {}  # what the command line sets: the preset's values first, so that explicit flags override them
     for key, value in flags:
         if key == 'preset':
             if value not in presets:
                 sys.exit(f"error: unknown preset {value!r}; known presets: {', '.join(presets)}")
-            given.update(presets[value])
-    given.update({key: parse_value(key, value) for key, value in flags})
+            globals().update(presets[value])
+    given = {key: parse_value(key, value) for key, value in flags}
     globals().update(given)
     if init_from != 'scratch':
         checkpoint = load_checkpoint(start_checkpoint_path(), mmap=True)
         saved = checkpoint['config']
+        for key in MODEL_KEYS:
+            if key in given and given[key] != saved[key]:
+                print(f"note: --{key}={given[key]} is not used: the weights of {start_checkpoint_path()} fix "
+                      f"{key}={saved[key]}")
         settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
         globals().update({k: saved[k] for k in settled if k in saved and k not in ('init_from', 'out_dir')})
         if init_from == 'resume' and (muon_lr > 0) != (saved['muon_lr'] > 0):
@@ -1245,7 +1256,7 @@ def start_watchdog(rank, world_size, progress):
 def claim_out_dir():
     """Before the master process writes to out_dir: one trainer per out_dir (an exclusive lock on out_dir/lock,
     which the OS drops when the process ends, however it ends, so a crashed run never leaves it stuck; returned,
-    keep it open), no leftovers of a save that a kill interrupted, and a fresh run never overwrites a checkpoint."""
+    keep it open), no leftovers of a save that a kill interrupted, and only a resumed run writes over a checkpoint."""
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, 'lock'), 'w')
     try:
@@ -1257,7 +1268,7 @@ def claim_out_dir():
     for name in os.listdir(out_dir):
         if name.startswith('ckpt.pt.tmp'):
             os.remove(os.path.join(out_dir, name))
-    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+    if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):  # a fresh run or a fine-tune
         sys.exit(f"error: {out_dir}/ckpt.pt already exists; continue it with --init_from=resume or pick another "
                  f"--out_dir")
     return lock

@@ -603,6 +603,19 @@ def test_resume_continues_exactly(data_dir, tmp_path, muon):
     assert_same_optimizer_states(straight, split, muon)
 
 
+def test_resume_keeps_what_the_run_saved_over_a_preset_and_takes_the_flags(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', '--ema_decay=0.5')
+    proc = run('pixeldlm.py', '--preset=classroom', f'--out_dir={out}', '--init_from=resume', '--max_iters=3',
+               '--beta2=0.5', '--weight_decay=0.1', '--n_layer=3')
+    assert 'note: --n_layer=3 is not used' in proc.out and 'n_layer=2' in proc.out
+    checkpoint = load(out / 'ckpt.pt')
+    config, (group,) = checkpoint['config'], checkpoint['optimizer']['param_groups']
+    assert checkpoint['iter_num'] == 3 and config['n_layer'] == 2 and config['img_size'] == 8  # not the preset's
+    assert config['ema_decay'] == 0.5 and config['data_dir'] == str(data_dir)  # what the run saved, not the preset's
+    assert tuple(group['betas']) == (0.9, 0.5) and group['weight_decay'] == 0.1  # the flags, not the saved state's
+
+
 def test_muon_is_torchs_update_with_newton_schulz_in_fp32_where_bf16_is_emulated(monkeypatch):
     torch.manual_seed(0)
     shapes = [(8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]  # wide, tall (iterated transposed), square; the same
@@ -938,6 +951,10 @@ def test_fine_tuning_starts_from_the_pretrained_weights(copy_dir, tmp_path):
                f'--init_from={tmp_path}/pre/ckpt.pt', '--learning_rate=0')  # lr 0: nothing may move
     assert 'from iter 0' in proc.out and 'base 7' in proc.out  # the model keys come from the checkpoint
     assert_same_tensors(load(tmp_path / 'pre/ckpt.pt')['ema'], load(tmp_path / 'tuned/ckpt.pt')['ema'])
+    before = (tmp_path / 'pre/ckpt.pt').read_bytes()  # fine-tuning into a folder with a checkpoint, its own source
+    proc = run('pixeldlm.py', *TINY, f'--data_dir={copy_dir}', f'--out_dir={tmp_path}/pre', '--max_iters=1',
+               f'--init_from={tmp_path}/pre/ckpt.pt', check=False)
+    assert proc.returncode != 0 and 'already exists' in proc.out and (tmp_path / 'pre/ckpt.pt').read_bytes() == before
     proc = run('pixeldlm.py', *TINY, f'--data_dir={data_dir_cl100k(tmp_path)}', f'--out_dir={tmp_path}/x',
                f'--init_from={tmp_path}/pre/ckpt.pt', check=False)
     assert proc.returncode != 0 and 'same encoding' in proc.out and 'Traceback' not in proc.out
