@@ -66,8 +66,9 @@ patch_size = 4
 n_layer = 12
 n_head = 12
 n_embd = 768
-# digits per color channel; 0 picks the smallest base that covers the vocabulary (47 for cl100k_base). The original
-# design's 256 learned nothing of cl100k_base in a GPU run (README, "The 8-GPU defaults")
+# the base of the digits: each channel holds one digit of the id, 0 to color_base - 1; 0 picks the smallest base
+# that covers the vocabulary (47 for cl100k_base). The original design's 256 learned nothing of cl100k_base in a
+# GPU run (README, "The 8-GPU defaults")
 color_base = 0
 objective = 'digits'  # cross-entropy on each channel's 'digits', on whole 'tokens', or 'v': JiT's v-loss on pixels
 pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': the original
@@ -76,6 +77,7 @@ rope = 'text'  # rotary positions in attention: a patch's place in the 'text' (r
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
 P_mean = 0.0  # t centred on 0.5; JiT's -0.8 (noisier t) learned less of cl100k_base and of bytes
 P_std = 0.8
+# sampling: training does not use these; they are saved with the run as sample.py's defaults
 sample_steps = 20  # the sampler's steps from noise to text (sample.py --steps overrides it)
 time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 packs them towards the clean end
 eta = 0.0  # the sampler's noise: 0 is deterministic DDIM, 1 draws each step from the DDPM posterior
@@ -111,11 +113,11 @@ preset = ''  # start from a named set of values below; flags after it still win
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 presets = {
-    # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes; its choices (a token head,
-    # t in a narrow band nearer the clean end, Muon, fresh noise when sampling, late steps above that band, where the
-    # model, never trained there, keeps revising letters instead of copying, all of their noise drawn afresh; 100
-    # steps, not 20: more revisions, more words, for 0.35 s a sample) were measured in README. Width 128: on a CPU
-    # without bf16 it wrote more words per minute than 192 or 256.
+    # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes. Its choices, each measured
+    # in README: a token head; t in a narrow band nearer the clean end; Muon; width 128 (on a CPU without bf16 it
+    # wrote more words per minute than 192 or 256); a sampler that draws fresh noise at every step, and whose late
+    # steps, above the band the model trained on, draw all of it afresh, so that the model keeps revising letters
+    # instead of copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample).
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
                       sample_steps=100, time_shift=8.0, eta=1.0, renoise_above=0.73,
@@ -481,11 +483,12 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     step_noise(step), so that z_next is drawn from the posterior q(z_next | z_t, x = x_hat), a DDPM step.
     The last step returns x_hat itself; a classifying head answers there with its most likely colors (the mean
     of two likely digits is a third one). The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u)
-    (SD3's shift, s = time_shift): with s > 1 more steps fall late, where the colors are decided. time_delay > 0
+    (SD3's shift formula, on t, the clean share, where SD3 shifts the noise level: so here s = time_shift > 1
+    puts more steps late, near the clean end, where the colors are decided). time_delay > 0
     tells the model t - time_delay (at least 0), a noisier time than z_t has (the asymmetric time intervals of Bit
     Diffusion, Chen et al. 2022): its guesses get sharper. A step to t_next > renoise_above keeps nothing of the path
     but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). Above the t it
-    trained on, the model then decides again what it was unsure of (a mixed color in x_hat) instead of keeping
+    trained on (the classroom preset's narrow band), the model then decides again what it was unsure of (a mixed color in x_hat) instead of keeping
     the old noise. cond, guidance: see predict. trajectory: a list that gets (t, z_t, x_hat) of every step
     (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
@@ -707,8 +710,8 @@ def muon_matrices(model):
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (the same update with its default scaling, the same settings and saved state) with its
     Newton-Schulz iterations in ns_dtype. torch's run them in bf16 always, which a CPU without bf16 instructions
-    emulates: 10.5 s a step for a 6x256 classroom model on a 2-core AVX2 EPYC, against 0.9 s for its forward and
-    backward; in fp32 there it takes 0.25-0.3 s."""
+    emulates: 10.5 s a step for the 6x256 classroom model of then on a 2-core AVX2 EPYC, against 0.9 s for its
+    forward and backward; in fp32 there it took 0.25-0.3 s."""
 
     def __init__(self, params, ns_dtype, **settings):
         super().__init__(params, **settings)
@@ -919,8 +922,8 @@ def new_meter():
 
 
 def train():
-    """nanoGPT's loop, over one process or torchrun's, with EMA weights. Nothing is lost on a NaN, a signal,
-    or a process that stops answering. Returns the model (its last weights; the EMA's are in the checkpoint)."""
+    """nanoGPT's loop, over one process or torchrun's, with EMA weights. A NaN, a signal or a process that stops
+    answering never damages a saved checkpoint (a signal saves one first; a NaN stops before its step). Returns the model (its last weights; the EMA's are in the checkpoint)."""
     ddp = 'RANK' in os.environ  # one of several processes started by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE)
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     world_size = int(os.environ.get('WORLD_SIZE', 1))
@@ -1193,7 +1196,7 @@ def setup_device(name, local_rank=0, ddp=False):
 
 def keep_freed_memory():
     """glibc hands big freed buffers back to the kernel (munmap, or a trimmed heap), so every CPU step faults its
-    tensors' pages in afresh: 5,500 faults (22 MB) a step for the classroom model, a tenth of its time on 2 cores
+    tensors' pages in afresh: 5,500 faults (22 MB) a step for the 6x128 classroom model, a tenth of its time on 2 cores
     (README). PyTorch's tuning guide swaps in jemalloc or TCMalloc; two glibc settings do it too: buffers up to
     32 MB (its most) come from the heap, and the heap keeps what it has. Other C libraries are left alone."""
     try:
