@@ -82,7 +82,7 @@ sample_steps = 20  # the sampler's steps from noise to text (sample.py --steps o
 time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 packs them towards the clean end
 eta = 0.0  # the sampler's noise: 0 is deterministic DDIM, 1 draws each step from the DDPM posterior
 time_delay = 0.0  # the sampler tells the model t - time_delay, a noisier time than z_t's: sharper samples
-renoise_above = 1.0  # the sampler's steps to a t above this draw z afresh from x_hat and new noise (1: none)
+renoise_above = 1.0  # the sampler's steps to a t above this draw z afresh from x_hat and new noise (1: none, 0: all)
 guidance = 1.0  # the sampler's classifier-free guidance scale for prompts: 1 is the plain conditional answer
 # adamw optimizer (JiT: lr 5e-5 * global_batch / 256, betas 0.9/0.95, no weight decay, no clipping)
 learning_rate = 2e-4
@@ -115,12 +115,12 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 presets = {
     # a small model that learns the built-in corpus on a 2-core laptop CPU in minutes. Its choices, each measured
     # in README: a token head; t in a narrow band nearer the clean end; Muon; width 128 (on a CPU without bf16 it
-    # wrote more words per minute than 192 or 256); a sampler that draws fresh noise at every step, and whose late
-    # steps, above the band the model trained on, draw all of it afresh, so that the model keeps revising letters
-    # instead of copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample).
+    # wrote more words per minute than 192 or 256); a sampler that draws z afresh from x_hat and new noise at every
+    # step, most of them late, above the band the model trained on, where it keeps revising letters instead of
+    # copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample).
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
-                      sample_steps=100, time_shift=8.0, eta=1.0, renoise_above=0.73,
+                      sample_steps=100, time_shift=8.0, renoise_above=0.0,
                       img_size=16, patch_size=2, n_layer=6, n_head=2, n_embd=128,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=1200,
                       warmup_iters=100, ema_decay=0.999, eval_interval=400, eval_iters=10, log_interval=100,

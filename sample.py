@@ -285,7 +285,7 @@ if __name__ == '__main__':
     parser.add_argument('--time_delay', type=float,
                         help="the model is told t minus this, a noisier time (default: the checkpoint's)")
     parser.add_argument('--renoise_above', type=float, help="steps to a t above this draw z afresh from x_hat and "
-                        "new noise; 1: none (default: the checkpoint's)")
+                        "new noise; 1: none, 0: all (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
