@@ -484,13 +484,13 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     The last step returns x_hat itself; a classifying head answers there with its most likely colors (the mean
     of two likely digits is a third one). The grid is u = 0, 1/steps, ..., 1 mapped to t = s*u / (1 + (s-1)*u)
     (SD3's shift formula, on t, the clean share, where SD3 shifts the noise level: so here s = time_shift > 1
-    puts more steps late, near the clean end, where the colors are decided). time_delay > 0
-    tells the model t - time_delay (at least 0), a noisier time than z_t has (the asymmetric time intervals of Bit
-    Diffusion, Chen et al. 2022): its guesses get sharper. A step to t_next > renoise_above keeps nothing of the path
-    but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). Above the t it
-    trained on (the classroom preset's narrow band), the model then decides again what it was unsure of (a mixed color in x_hat) instead of keeping
-    the old noise. cond, guidance: see predict. trajectory: a list that gets (t, z_t, x_hat) of every step
-    (sample.py --show_steps)."""
+    puts more steps late, near the clean end, where the colors are decided). time_delay > 0 tells the model
+    t - time_delay (at least 0), a noisier time than z_t has (the asymmetric time intervals of Bit Diffusion, Chen
+    et al. 2022): its guesses get sharper. A step to t_next > renoise_above (0: every step) keeps nothing of the
+    path but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). The model
+    then decides again what it was unsure of (a mixed color in x_hat) instead of keeping the old noise; above the
+    t it trained on (the classroom preset's narrow band) that is where its words come from. cond, guidance: see
+    predict. trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
@@ -923,7 +923,8 @@ def new_meter():
 
 def train():
     """nanoGPT's loop, over one process or torchrun's, with EMA weights. A NaN, a signal or a process that stops
-    answering never damages a saved checkpoint (a signal saves one first; a NaN stops before its step). Returns the model (its last weights; the EMA's are in the checkpoint)."""
+    answering never damages a saved checkpoint (a signal saves one first; a NaN stops before its step). Returns
+    the model (its last weights; the EMA's are in the checkpoint)."""
     ddp = 'RANK' in os.environ  # one of several processes started by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE)
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     world_size = int(os.environ.get('WORLD_SIZE', 1))
