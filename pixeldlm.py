@@ -950,6 +950,8 @@ def train():
     stop_processes = start_watchdog(rank, world_size, progress) if ddp else None
     catch_stop_signals()
 
+    # a micro-batch is named by (iteration, its index among the iteration's micro-steps), whatever process runs it:
+    # any number of processes, and a resumed run, train on exactly the batches one process would have
     keys = ((0, it, rank * accum_steps + micro) for it in range(iter_num, max_iters) for micro in range(accum_steps))
     batches = prefetch(lambda key: make_batch(data, 'train', key, pin=dev.startswith('cuda')), keys)
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
