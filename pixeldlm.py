@@ -221,7 +221,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // n_head, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rotary=None):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         # on a CPU under bf16 autocast, the rest (qk-norm to output projection) runs in fp32: in bf16 it cost the
@@ -231,8 +231,8 @@ class Attention(nn.Module):
             inner = torch.float32 if on_cpu else v.dtype  # not the config's dtype: what attention runs in
             # norms in fp32: under bf16 autocast, a bf16 input with the fp32 weight would miss the fused CUDA kernel
             q, k, v = self.q_norm(q.float()).to(inner), self.k_norm(k.float()).to(inner), v.to(inner)
-            if rope is not None:
-                q, k = rotate(q, *rope), rotate(k, *rope)
+            if rotary is not None:
+                q, k = rotate(q, *rotary), rotate(k, *rotary)
             x = F.scaled_dot_product_attention(q, k, v)  # no mask: flash attention
             return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -279,9 +279,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim)
         self.adaLN = nn.Linear(dim, 6 * dim)  # timestep -> shift, scale, gate for attention and for the MLP
 
-    def forward(self, x, c, rope=None):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), rope)
+    def forward(self, x, t_emb, rotary=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(t_emb).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(rms_norm(x), shift1, scale1), rotary)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(rms_norm(x), shift2, scale2))
         return x
 
@@ -304,8 +304,8 @@ class JiT(nn.Module):
         # fixed 2D sin-cos positions of a (2*grid x grid) canvas: the condition's rows on top, the target's below;
         # rotary positions also tell attention how far apart two patches are, which spelling needs
         self.register_buffer('pos_embed', sincos_2d(n_embd, 2 * self.grid, self.grid), persistent=False)
-        self.rope = rope != 'none'
-        if self.rope:
+        self.has_rope = rope != 'none'
+        if self.has_rope:
             assert n_embd // n_head % ROPE_HEAD_MULTIPLE[rope] == 0, "rotary positions: an even head size (4k: grid)"
             tables = rotary_angles(rope, n_embd // n_head, 2 * self.grid, self.grid)
             for name, table in zip(('rope_cos', 'rope_sin'), tables):
@@ -332,10 +332,10 @@ class JiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def run_blocks(self, x, c):
-        rope = (self.rope_cos[-x.shape[1]:], self.rope_sin[-x.shape[1]:]) if self.rope else None  # target: lower half
+    def run_blocks(self, x, t_emb):  # rotary (cos, sin) of the last x.shape[1] patches: a target is the lower half
+        rotary = (self.rope_cos[-x.shape[1]:], self.rope_sin[-x.shape[1]:]) if self.has_rope else None
         for block in self.blocks:
-            x = block(x, c, rope)
+            x = block(x, t_emb, rotary)
         return x
 
     def patchify(self, img):  # (B, 3, H, W) -> (B, grid*grid, 3*p*p)
@@ -354,17 +354,17 @@ class JiT(nn.Module):
         logits: (B, digit_classes, 3, H, W) for digits, (B, patches, p*p, token_classes) for tokens (to_grid tiles)."""
         n = self.grid ** 2
         x = self.patch_embed(self.patchify(z)) + self.pos_embed[n:]
-        c = F.silu(self.t_embed(timestep_embedding(t)))
+        t_emb = F.silu(self.t_embed(timestep_embedding(t)))  # what every adaLN reads (DiT calls it c)
         if cond is None:
-            x = self.run_blocks(x, c)
+            x = self.run_blocks(x, t_emb)
         else:  # [condition, target] for the first k samples; only the target's outputs go on to the head
             k = len(cond)
             prompted = torch.cat([self.patch_embed(self.patchify(cond)) + self.pos_embed[:n], x[:k]], dim=1)
-            parts = [self.run_blocks(prompted, c[:k])[:, n:]]
+            parts = [self.run_blocks(prompted, t_emb[:k])[:, n:]]
             if k < len(x):
-                parts.append(self.run_blocks(x[k:], c[k:]))
+                parts.append(self.run_blocks(x[k:], t_emb[k:]))
             x = torch.cat(parts)
-        shift, scale = self.final_adaLN(c).float().chunk(2, dim=-1)
+        shift, scale = self.final_adaLN(t_emb).float().chunk(2, dim=-1)
         with torch.autocast(z.device.type, enabled=False):  # in bf16 the output would be off by up to half a color
             x = modulate(rms_norm(x.float()), shift, scale)
             if self.token_classes:  # the head's rows go id by id, (V, p*p) as in checkpoints; read pixel by pixel,
@@ -1045,8 +1045,8 @@ def configure(args):
     if init_from != 'scratch':
         checkpoint = load_checkpoint(start_checkpoint_path(), mmap=True)
         saved = checkpoint['config']
-        for key in MODEL_KEYS:
-            if key in given and given[key] != saved[key]:
+        for key in MODEL_KEYS:  # said once, by torchrun's first process (or the only one)
+            if key in given and given[key] != saved[key] and os.environ.get('RANK', '0') == '0':
                 print(f"note: --{key}={given[key]} is not used: the weights of {start_checkpoint_path()} fix "
                       f"{key}={saved[key]}")
         settled = MODEL_KEYS if init_from != 'resume' else [k for k in config_keys if k not in given or k in MODEL_KEYS]
