@@ -83,6 +83,7 @@ time_shift = 1.0  # the sampler's grid: 1 spaces its steps evenly in t; s > 1 pa
 eta = 0.0  # the sampler's noise: 0 is deterministic DDIM, 1 draws each step from the DDPM posterior
 time_delay = 0.0  # the sampler tells the model t - time_delay, a noisier time than z_t's: sharper samples
 renoise_above = 1.0  # the sampler's steps to a t above this draw z afresh from x_hat and new noise (1: none, 0: all)
+draw_below = 0.0  # the sampler's steps at a t below this draw each pixel of x_hat from the head, not its mean (0: none)
 guidance = 1.0  # the sampler's classifier-free guidance scale for prompts: 1 is the plain conditional answer
 # adamw optimizer (JiT: lr 5e-5 * global_batch / 256, betas 0.9/0.95, no weight decay, no clipping)
 learning_rate = 2e-4
@@ -117,10 +118,11 @@ presets = {
     # in README: a token head; t in a narrow band nearer the clean end; Muon; width 128 (on a CPU without bf16 it
     # wrote more words per minute than 192 or 256); a sampler that draws z afresh from x_hat and new noise at every
     # step, most of them late, above the band the model trained on, where it keeps revising letters instead of
-    # copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample).
+    # copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample); x_hat drawn, not the
+    # mean, below t = 0.95 (a tenth as many runs of one character: more entropy, as many words).
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
-                      sample_steps=100, time_shift=8.0, renoise_above=0.0,
+                      sample_steps=100, time_shift=8.0, renoise_above=0.0, draw_below=0.95,
                       img_size=16, patch_size=2, n_layer=6, n_head=2, n_embd=128,
                       batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, muon_lr=0.02, max_iters=1200,
                       warmup_iters=100, ema_decay=0.999, eval_interval=400, eval_iters=10, log_interval=100,
@@ -131,7 +133,7 @@ MODEL_KEYS = ('img_size', 'patch_size', 'n_layer', 'n_head', 'n_embd', 'color_ba
 # what runs used before a key existed, so that their checkpoints still load
 LEGACY_CONFIG = {'objective': 'v', 'time_shift': 1.0, 'guidance': 1.0, 'pair_fraction': 0.5, 'cond_drop': 0.1,
                  'pixel_order': 'row', 'rope': 'none', 'eta': 0.0, 'time_delay': 0.0, 'muon_lr': 0.0,
-                 'renoise_above': 1.0, 'sample_steps': 20}
+                 'renoise_above': 1.0, 'sample_steps': 20, 'draw_below': 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -466,17 +468,29 @@ def predict(model, z, t, cond=None, guidance=1.0, logits=False):
     return x_u + guidance * (x_c - x_u)
 
 
-def decide(model, z, t, cond, guidance):
-    """Each pixel's most likely color under a classifying head (digit by digit, or the whole token)."""
+def decide(model, z, t, cond, guidance, uniform=None):
+    """Each pixel's most likely color under a classifying head (digit by digit, or the whole token), or with
+    uniform (B, 3, H, W) in [0, 1) one drawn from the head's distribution: the first class whose cumulative
+    probability passes the pixel's uniform (a token draws with its first channel's)."""
     logits = predict(model, z, t, cond, guidance, logits=True)
     if model.token_classes:
-        return to_grid(model.token_colors[logits.argmax(dim=-1)].flatten(1, 2), model.patch_size)
-    return digit_values(logits.argmax(dim=1), model.digit_classes)
+        if uniform is None:
+            ids = logits.argmax(dim=-1)
+        else:
+            u = from_grid(uniform[:, :1], model.patch_size).view(*logits.shape[:-1], 1)
+            ids = (logits.softmax(dim=-1).cumsum(dim=-1) < u).sum(dim=-1).clamp(max=model.token_classes - 1)
+        return to_grid(model.token_colors[ids].flatten(1, 2), model.patch_size)
+    if uniform is None:
+        digits = logits.argmax(dim=1)
+    else:
+        digits = (logits.softmax(dim=1).cumsum(dim=1) < uniform.unsqueeze(1)).sum(dim=1).clamp(
+            max=model.digit_classes - 1)
+    return digit_values(digits, model.digit_classes)
 
 
 @torch.no_grad()
 def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, trajectory=None, eta=0.0,
-                step_noise=None, time_delay=0.0, renoise_above=1.0):
+                step_noise=None, time_delay=0.0, renoise_above=1.0, draw_below=0.0):
     """DDIM from pure noise at t = 0 to an image at t = 1. Each step asks for x_hat and moves z to t_next,
     keeping x_hat and the noise it implies, eps = (z_t - t*x_hat)/(1-t): z_next = t_next*x_hat + (1-t_next)*eps.
     eta = 0 is deterministic (the Euler step of the flow ODE); eta = 1 swaps part of eps for fresh noise
@@ -489,7 +503,11 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     et al. 2022): its guesses get sharper. A step to t_next > renoise_above (0: every step) keeps nothing of the
     path but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). The model
     then decides again what it was unsure of (a mixed color in x_hat) instead of keeping the old noise; above the
-    t it trained on (the classroom preset's narrow band) that is where its words come from. cond, guidance: see
+    t it trained on (the classroom preset's narrow band) that is where its words come from. At a t below
+    draw_below, a classifying head's x_hat is not its mean color but one color per pixel drawn from its
+    distribution, as a discrete diffusion's ancestral sampler draws x: a mean of unlike tokens is the color of a
+    third one (often a blank), a draw is always one of them; the late steps keep the mean, where drawn misspellings
+    would stay. Its uniforms are Phi(step_noise(steps + step)), noise that no step adds to z. cond, guidance: see
     predict. trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
@@ -502,6 +520,9 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
         last = step == steps - 1  # by its index: a shifted grid's last t can miss 1.0 by a rounding error
         if last and classify:
             x_hat = decide(model, z, t_batch, cond, guidance)
+        elif t < draw_below and classify:
+            uniform = 0.5 * (1 + torch.erf(step_noise(steps + step).to(z.device) / math.sqrt(2)))
+            x_hat = decide(model, z, t_batch, cond, guidance, uniform)
         else:
             x_hat = predict(model, z, t_batch, cond, guidance)
         if trajectory is not None:
@@ -530,7 +551,7 @@ def sample_noise(seed, first, n, side, step=None):
 
 @torch.no_grad()
 def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prompts=None, guidance=1.0,
-             first=0, trajectory=None, eta=0.0, time_delay=0.0, renoise_above=1.0):
+             first=0, trajectory=None, eta=0.0, time_delay=0.0, renoise_above=1.0, draw_below=0.0):
     """Sample one batch: returns images (B, 3, S, S) and their ids (B, S*S), from nothing, or as answers
     to prompts (token lists, one sample each). first: the index of the batch's first sample, which picks
     its noise (sample_noise). sample.py turns the ids into text."""
@@ -541,7 +562,7 @@ def generate(model, num_samples, steps, seed, base, eot_id, time_shift=1.0, prom
     noise = sample_noise(seed, first, n, side).to(dev)
     images = ddim_sample(model, noise, steps, time_shift, cond, guidance, trajectory, eta,
                          lambda step: sample_noise(seed, first, n, side, step), time_delay,
-                         renoise_above)
+                         renoise_above, draw_below)
     return images, image_to_ids(images, base, model.tile)
 
 
@@ -1092,7 +1113,7 @@ def check_config():
     for key in ('warmup_iters', 'seed', 'learning_rate', 'muon_lr', 'min_lr', 'weight_decay', 'grad_clip',
                 'peak_flops'):
         require(0 <= globals()[key] < math.inf, key, 'a finite number >= 0')
-    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta', 'time_delay', 'renoise_above'):
+    for key in ('ema_decay', 'cond_drop', 'pair_fraction', 'eta', 'time_delay', 'renoise_above', 'draw_below'):
         require(0 <= globals()[key] <= 1, key, 'between 0 and 1')
     for key in ('beta1', 'beta2'):
         require(0 <= globals()[key] < 1, key, 'at least 0 and below 1')
@@ -1102,6 +1123,8 @@ def check_config():
         require(-math.inf < globals()[key] < math.inf, key, 'finite')
     require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base for the vocabulary) or >= 2')
     require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
+    require(objective != 'v' or draw_below == 0, 'draw_below', "0 with --objective=v (a regression head has no "
+            "distribution to draw from)")
     require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
             "(a softmax over color_base ** 3 ids per pixel: vocabularies of at most 4096 ids, such as bytes)")
     require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")

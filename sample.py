@@ -165,7 +165,7 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, **sampler):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
     token accuracy: over the reference's tokens and its end-of-text, seconds per answer). sampler: eta,
-    time_delay, renoise_above for generate."""
+    time_delay, renoise_above, draw_below for generate."""
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
@@ -248,9 +248,10 @@ def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8; in base 256 a color'
 
 def print_report(r, ckpt_path, seed, steps, time_shift, sampler):
     samples = f", {r['n_samples']} samples" if 'n_samples' in r else ''
-    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}, eta "
-          f"{sampler['eta']:g}, time delay {sampler['time_delay']:g}, renoise above {sampler['renoise_above']:g})"
-          f"{samples}")
+    eta = f"eta {sampler['eta']:g}, " if sampler['renoise_above'] > 0 else ''  # renoising every step leaves it idle
+    print(f"quality report: {ckpt_path}, seed {seed}, {steps} DDIM steps (time shift {time_shift:g}, {eta}time delay "
+          f"{sampler['time_delay']:g}, renoise above {sampler['renoise_above']:g}, draw below "
+          f"{sampler['draw_below']:g}){samples}")
     for key in [k for k in r if k.startswith('answers_w')]:
         exact, per_token, seconds = r[key]
         print(f"held-out prompts, guidance w={key[9:]:4s} exact match {exact:6.1%}, token accuracy "
@@ -286,6 +287,8 @@ if __name__ == '__main__':
                         help="the model is told t minus this, a noisier time (default: the checkpoint's)")
     parser.add_argument('--renoise_above', type=float, help="steps to a t above this draw z afresh from x_hat and "
                         "new noise; 1: none, 0: all (default: the checkpoint's)")
+    parser.add_argument('--draw_below', type=float, help="steps at a t below this draw each pixel of x_hat from the "
+                        "head's distribution instead of taking its mean; 0: none (default: the checkpoint's)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float32'],
@@ -306,7 +309,7 @@ if __name__ == '__main__':
         parser.error(f"--seed must be at least 0, not {args.seed}")
     if args.time_shift is not None and not 0 < args.time_shift < math.inf:
         parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
-    sampler_keys = ('eta', 'time_delay', 'renoise_above')  # the checkpoint's sampler settings, which flags override
+    sampler_keys = ('eta', 'time_delay', 'renoise_above', 'draw_below')  # the checkpoint's sampler settings, which flags override
     for key in sampler_keys:
         if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
             parser.error(f"--{key} must be between 0 and 1, not {getattr(args, key)}")
@@ -336,6 +339,8 @@ if __name__ == '__main__':
     if prompts and not meta.get('train_pairs'):
         sys.exit(f"error: {ckpt_path} was trained on plain text only; --prompt needs a checkpoint trained on "
                  f"prompt/answer pairs (prepare_data.py writes them from {{\"prompt\", \"answer\"}} lines)")
+    if args.draw_below and config['objective'] == 'v':
+        sys.exit(f"error: --draw_below needs a classifying head, and {ckpt_path} regresses colors (--objective=v)")
     model = model_from_config(config).to(device)
     model.load_state_dict(checkpoint['ema'])
     model.eval()

@@ -479,6 +479,46 @@ def test_a_digit_head_answers_with_its_most_likely_digit_not_the_mean():
     assert (image_to_ids(out, 7) == 6 + 6 * 7 + 6 * 49).all()
 
 
+def test_below_draw_below_each_pixel_of_x_hat_is_drawn_from_the_head_by_its_own_uniform():
+    class Sure(torch.nn.Module):  # a token head over base-2 ids whose mass lies on ids 2 (3/4) and 5 (1/4)
+        digit_classes, token_classes, patch_size = 0, 8, 2
+        token_colors = pixeldlm.ids_to_pixels(torch.arange(8), 2)
+
+        def forward(self, z, t, cond=None, logits=False):
+            scores = torch.full((1, 4, 4, 8), -30.0)  # (B, patches, p*p, ids)
+            scores[..., 2], scores[..., 5] = math.log(0.75), math.log(0.25)
+            return scores
+    uniform = torch.full((1, 3, 4, 4), 0.2)
+    uniform[0, 0, 0, 2] = uniform[0, 0, 3, 1] = 0.9  # past 3/4: id 5 at these pixels (channel 0 draws a token)
+    uniform[0, 1:] = 0.99  # the other channels play no part
+    drawn = pixeldlm.decide(Sure(), None, None, None, 1.0, uniform)
+    expected = Sure.token_colors[torch.where(uniform[0, 0] > 0.75, 5, 2)].permute(2, 0, 1)  # each pixel by its own
+    assert torch.equal(drawn[0], expected)
+
+    class Unsure(torch.nn.Module):  # a digit head: each channel's digit is 0, 1, 2 with probability .2, .5, .3
+        digit_classes, token_classes = 3, 0
+
+        def forward(self, z, t, cond=None, logits=False):
+            return torch.tensor([0.2, 0.5, 0.3]).log().view(1, 3, 1, 1, 1).expand(1, 3, 3, 100, 100)
+    digits = (pixeldlm.decide(Unsure(), None, None, None, 1.0, torch.rand(1, 3, 100, 100)) + 1).round().long()
+    assert torch.bincount(digits.flatten(), minlength=3).div(30000).tolist() == pytest.approx([0.2, 0.5, 0.3],
+                                                                                               abs=0.015)
+    model = tiny_model(randomize=True)
+    model.digit_classes = 7  # its head as a 7-digit classifier: 3 * 4 * 7 outputs per patch
+    model.final = torch.nn.Linear(32, 3 * 4 * 7)
+    trajectory, asked = [], []
+    step_noise = lambda step: asked.append(step) or torch.randn(2, 3, 8, 8)
+    ddim_sample(model, torch.randn(2, 3, 8, 8), steps=4, trajectory=trajectory, draw_below=0.3, step_noise=step_noise)
+    colors = pixeldlm.digit_values(torch.arange(7), 7)
+    for t, _, x_hat in trajectory[:-1]:  # drawn at t = 0 and 0.25: every channel is one of the 7 digits' colors
+        assert ((x_hat.unsqueeze(-1) - colors).abs().min(dim=-1).values < 1e-6).all() == (t < 0.3), t
+    assert asked == [4, 5]  # noise of its own (steps + step), which no step adds to z
+    a = generate(model, num_samples=3, steps=4, seed=7, base=7, eot_id=0, draw_below=0.6)
+    later = generate(model, num_samples=2, steps=4, seed=7, base=7, eot_id=0, first=1, draw_below=0.6)
+    assert torch.equal(later[1], a[1][1:])  # seeded per sample, as the noise is
+    assert not torch.equal(generate(model, num_samples=3, steps=4, seed=7, base=7, eot_id=0)[1], a[1])
+
+
 def test_sampling_is_seeded(enc):
     model = tiny_model(randomize=True)
     a = generate(model, num_samples=3, steps=5, seed=7, base=256, eot_id=enc.eot_token)
@@ -1421,6 +1461,8 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--eta=2'], '--eta=2.0 is out of range: it must be between 0 and 1'),
     (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
     (['--renoise_above=1.5'], '--renoise_above=1.5 is out of range: it must be between 0 and 1'),
+    (['--draw_below=-0.5'], '--draw_below=-0.5 is out of range: it must be between 0 and 1'),
+    (['--objective=v', '--draw_below=0.5'], '--draw_below=0.5 is out of range: it must be 0 with --objective=v'),
     (['--sample_steps=0'], '--sample_steps=0 is out of range: it must be at least 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
@@ -1452,6 +1494,7 @@ def test_micro_steps_that_cannot_be_shared_out_among_the_processes_are_refused_b
     (['--eta=-0.5'], '--eta must be between 0 and 1'),
     (['--time_delay=2'], '--time_delay must be between 0 and 1'),
     (['--renoise_above=-1'], '--renoise_above must be between 0 and 1'),
+    (['--draw_below=1.1'], '--draw_below must be between 0 and 1'),
     (['--device=banana'], 'is not a device'),
     (['--device=cuda'], 'no CUDA GPU'),
     (['--device=mps'], 'no MPS device'),
@@ -1507,17 +1550,20 @@ def test_checkpoints_from_before_a_config_key_existed_still_load(data_dir, tmp_p
         '--pixel_order=row', '--rope=none')
     checkpoint = load(tmp_path / 'made/ckpt.pt')
     for key in ('objective', 'time_shift', 'guidance', 'pair_fraction', 'cond_drop', 'pixel_order', 'rope', 'eta',
-                'time_delay', 'renoise_above', 'sample_steps'):
+                'time_delay', 'renoise_above', 'sample_steps', 'draw_below'):
         del checkpoint['config'][key]
     (tmp_path / 'old').mkdir()
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     assert run('sample.py', f'--out_dir={tmp_path}/old', '--steps=2').out.count('---------- sample') == 3
+    proc = run('sample.py', f'--out_dir={tmp_path}/old', '--draw_below=0.5', check=False)
+    assert proc.returncode != 0 and 'needs a classifying head' in proc.out and 'Traceback' not in proc.out
     run('pixeldlm.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/tuned', '--max_iters=1',
         f'--init_from={tmp_path}/old/ckpt.pt')
     run('pixeldlm.py', f'--out_dir={tmp_path}/old', '--init_from=resume', '--max_iters=3')
     resumed = load(tmp_path / 'old/ckpt.pt')['config']  # added in later versions: what those runs used
     assert (resumed['objective'], resumed['pixel_order'], resumed['rope'], resumed['eta'], resumed['time_delay'],
-            resumed['renoise_above'], resumed['sample_steps']) == ('v', 'row', 'none', 0.0, 0.0, 1.0, 20)
+            resumed['renoise_above'], resumed['sample_steps'], resumed['draw_below']) == ('v', 'row', 'none', 0.0, 0.0,
+                                                                                          1.0, 20, 0.0)
     checkpoint['config']['rope'] = True  # before rotary positions came in kinds: on the grid
     torch.save(checkpoint, tmp_path / 'old/ckpt.pt')
     assert pixeldlm.load_checkpoint(tmp_path / 'old/ckpt.pt')['config']['rope'] == 'grid'
@@ -1569,6 +1615,7 @@ def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, 
 @pytest.mark.parametrize('key, flag, saved, given, shown', [
     ('time_delay', 'time_delay', 0.4, 0.0, 'time delay {:g}'),  # 0: a flag that is falsy still wins
     ('renoise_above', 'renoise_above', 0.4, 0.0, 'renoise above {:g}'),
+    ('draw_below', 'draw_below', 0.4, 0.0, 'draw below {:g}'),
     ('sample_steps', 'steps', 3, 2, '{} DDIM steps'),  # the classroom preset saves 100
 ])
 def test_sample_py_gives_the_sampler_the_checkpoints_settings_or_the_flags(trained, tmp_path, monkeypatch, capsys,
