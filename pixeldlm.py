@@ -506,9 +506,9 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     t it trained on (the classroom preset's narrow band) that is where its words come from. At a t below
     draw_below, a classifying head's x_hat is not its mean color but one color per pixel drawn from its
     distribution, as a discrete diffusion's ancestral sampler draws x: a mean of unlike tokens is the color of a
-    third one (often a blank), a draw is always one of them; the late steps keep the mean, where drawn misspellings
-    would stay. Its uniforms are Phi(step_noise(steps + step)), noise that no step adds to z. cond, guidance: see
-    predict. trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
+    third one, a draw is always one of them; the late steps keep the mean, where drawn misspellings would stay.
+    Its uniforms are Phi(step_noise(steps + step)), noise that no step adds to z. cond, guidance: see predict.
+    trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise

@@ -309,7 +309,7 @@ if __name__ == '__main__':
         parser.error(f"--seed must be at least 0, not {args.seed}")
     if args.time_shift is not None and not 0 < args.time_shift < math.inf:
         parser.error(f"--time_shift must be a finite number > 0, not {args.time_shift}")
-    sampler_keys = ('eta', 'time_delay', 'renoise_above', 'draw_below')  # the checkpoint's sampler settings, which flags override
+    sampler_keys = ('eta', 'time_delay', 'renoise_above', 'draw_below')  # the checkpoint's, which flags override
     for key in sampler_keys:
         if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
             parser.error(f"--{key} must be between 0 and 1, not {getattr(args, key)}")
