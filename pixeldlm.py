@@ -119,7 +119,7 @@ presets = {
     # wrote more words per minute than 192 or 256); a sampler that draws z afresh from x_hat and new noise at every
     # step, most of them late, above the band the model trained on, where it keeps revising letters instead of
     # copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample); x_hat drawn, not the
-    # mean, below t = 0.95 (a third to an eighth as many runs of one character: more entropy, as many words).
+    # mean, below t = 0.95 (two-fifths to an eighth as many runs of one character: more entropy, as many words).
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
                       sample_steps=100, time_shift=8.0, renoise_above=0.0, draw_below=0.95,
@@ -469,23 +469,25 @@ def predict(model, z, t, cond=None, guidance=1.0, logits=False):
 
 
 def decide(model, z, t, cond, guidance, uniform=None):
-    """Each pixel's most likely color under a classifying head (digit by digit, or the whole token), or with
-    uniform (B, 3, H, W) in [0, 1) one drawn from the head's distribution: the first class whose cumulative
-    probability passes the pixel's uniform (a token draws with its first channel's)."""
+    """Each pixel's most likely color under a classifying head (digit by digit, or the whole token), or, given
+    uniform (B, 3, H, W) in [0, 1), one drawn from the head's distribution: each channel's digit by that channel's
+    uniform, a token (one per pixel) by the pixel's first channel's."""
     logits = predict(model, z, t, cond, guidance, logits=True)
     if model.token_classes:
         if uniform is None:
             ids = logits.argmax(dim=-1)
         else:
-            u = from_grid(uniform[:, :1], model.patch_size).view(*logits.shape[:-1], 1)
-            ids = (logits.softmax(dim=-1).cumsum(dim=-1) < u).sum(dim=-1).clamp(max=model.token_classes - 1)
+            ids = draw_class(logits, from_grid(uniform[:, :1], model.patch_size).view(*logits.shape[:-1], 1), dim=-1)
         return to_grid(model.token_colors[ids].flatten(1, 2), model.patch_size)
-    if uniform is None:
-        digits = logits.argmax(dim=1)
-    else:
-        digits = (logits.softmax(dim=1).cumsum(dim=1) < uniform.unsqueeze(1)).sum(dim=1).clamp(
-            max=model.digit_classes - 1)
+    digits = logits.argmax(dim=1) if uniform is None else draw_class(logits, uniform.unsqueeze(1), dim=1)
     return digit_values(digits, model.digit_classes)
+
+
+def draw_class(logits, u, dim):
+    """The class whose share of the cumulative probability first passes u: a draw from softmax(logits) (the
+    inverse CDF), with u scaled by the total, which a float32 sum can miss 1 by."""
+    cdf = logits.softmax(dim=dim).cumsum(dim=dim)
+    return (cdf < u * cdf.narrow(dim, cdf.shape[dim] - 1, 1)).sum(dim=dim)
 
 
 @torch.no_grad()
@@ -503,12 +505,13 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
     et al. 2022): its guesses get sharper. A step to t_next > renoise_above (0: every step) keeps nothing of the
     path but x_hat: z_next = t_next*x_hat + (1-t_next)*noise, all of it fresh (DDIM's largest sigma). The model
     then decides again what it was unsure of (a mixed color in x_hat) instead of keeping the old noise; above the
-    t it trained on (the classroom preset's narrow band) that is where its words come from. At a t below
-    draw_below, a classifying head's x_hat is not its mean color but one color per pixel drawn from its
-    distribution, as a discrete diffusion's ancestral sampler draws x: a mean of unlike tokens is the color of a
-    third one, a draw is always one of them; the late steps keep the mean, where drawn misspellings would stay.
-    Its uniforms are Phi(step_noise(steps + step)), noise that no step adds to z. cond, guidance: see predict.
-    trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py --show_steps)."""
+    t it trained on (the classroom preset's narrow band) that is where its words come from.
+    At a step from a t below draw_below, a classifying head's x_hat is not its mean color but one color per pixel
+    drawn from its distribution, as a discrete diffusion's ancestral sampler draws x: a mean of unlike tokens is
+    the color of a third one, a draw is always one of them. The late steps keep the mean, where drawn misspellings
+    would stay (a regression head has no distribution: it always gives its x_hat).
+    cond, guidance: see predict. trajectory: a list that gets (t, z_t, x_hat) of every step (sample.py
+    --show_steps)."""
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     ts = (time_shift * u / (1 + (time_shift - 1) * u)).tolist()
     z = noise
@@ -520,8 +523,8 @@ def ddim_sample(model, noise, steps, time_shift=1.0, cond=None, guidance=1.0, tr
         last = step == steps - 1  # by its index: a shifted grid's last t can miss 1.0 by a rounding error
         if last and classify:
             x_hat = decide(model, z, t_batch, cond, guidance)
-        elif t < draw_below and classify:
-            uniform = 0.5 * (1 + torch.erf(step_noise(steps + step).to(z.device) / math.sqrt(2)))
+        elif t < draw_below and classify:  # uniforms from noise of its own: step_noise(steps + step) is never added
+            uniform = torch.special.ndtr(step_noise(steps + step).to(z.device))  # Phi: normal -> uniform
             x_hat = decide(model, z, t_batch, cond, guidance, uniform)
         else:
             x_hat = predict(model, z, t_batch, cond, guidance)
@@ -1123,8 +1126,6 @@ def check_config():
         require(-math.inf < globals()[key] < math.inf, key, 'finite')
     require(color_base == 0 or color_base >= 2, 'color_base', '0 (the smallest base for the vocabulary) or >= 2')
     require(objective in ('v', 'digits', 'tokens'), 'objective', "'v', 'digits' or 'tokens'")
-    require(objective != 'v' or draw_below == 0, 'draw_below', "0 with --objective=v (a regression head has no "
-            "distribution to draw from)")
     require(objective != 'tokens' or color_base ** 3 <= 4096, 'color_base', "at most 16 with --objective=tokens "
             "(a softmax over color_base ** 3 ids per pixel: vocabularies of at most 4096 ids, such as bytes)")
     require(pixel_order in ('row', 'patch'), 'pixel_order', "'row' or 'patch'")

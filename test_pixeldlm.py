@@ -479,7 +479,7 @@ def test_a_digit_head_answers_with_its_most_likely_digit_not_the_mean():
     assert (image_to_ids(out, 7) == 6 + 6 * 7 + 6 * 49).all()
 
 
-def test_below_draw_below_each_pixel_of_x_hat_is_drawn_from_the_head_by_its_own_uniform():
+def test_below_draw_below_each_pixel_of_x_hat_is_drawn_from_the_head_by_its_own_uniform(monkeypatch):
     class Sure(torch.nn.Module):  # a token head over base-2 ids whose mass lies on ids 2 (3/4) and 5 (1/4)
         digit_classes, token_classes, patch_size = 0, 8, 2
         token_colors = pixeldlm.ids_to_pixels(torch.arange(8), 2)
@@ -499,10 +499,14 @@ def test_below_draw_below_each_pixel_of_x_hat_is_drawn_from_the_head_by_its_own_
         digit_classes, token_classes = 3, 0
 
         def forward(self, z, t, cond=None, logits=False):
-            return torch.tensor([0.2, 0.5, 0.3]).log().view(1, 3, 1, 1, 1).expand(1, 3, 3, 100, 100)
-    digits = (pixeldlm.decide(Unsure(), None, None, None, 1.0, torch.rand(1, 3, 100, 100)) + 1).round().long()
-    assert torch.bincount(digits.flatten(), minlength=3).div(30000).tolist() == pytest.approx([0.2, 0.5, 0.3],
-                                                                                               abs=0.015)
+            return torch.tensor([0.2, 0.5, 0.3]).log().view(1, 3, 1, 1, 1).expand(1, 3, 3, 5, 5)
+    uniform = torch.rand(1, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    digits = (pixeldlm.decide(Unsure(), None, None, None, 1.0, uniform) + 1).round().long()  # colors -1, 0, 1
+    assert torch.equal(digits, (uniform >= 0.2).long() + (uniform >= 0.7).long())  # each by its own uniform
+    assert len(digits.unique()) == 3
+    two = torch.tensor([0.0, 0.0, -1e9])  # two even classes and one that is never drawn, even at u = 1 (Phi rounds
+    draws = [pixeldlm.draw_class(two, torch.tensor([u]), dim=0).item() for u in (0.0, 0.49, 0.51, 1.0)]  # to it)
+    assert draws == [0, 0, 1, 1]
     model = tiny_model(randomize=True)
     model.digit_classes = 7  # its head as a 7-digit classifier: 3 * 4 * 7 outputs per patch
     model.final = torch.nn.Linear(32, 3 * 4 * 7)
@@ -513,6 +517,13 @@ def test_below_draw_below_each_pixel_of_x_hat_is_drawn_from_the_head_by_its_own_
     for t, _, x_hat in trajectory[:-1]:  # drawn at t = 0 and 0.25: every channel is one of the 7 digits' colors
         assert ((x_hat.unsqueeze(-1) - colors).abs().min(dim=-1).values < 1e-6).all() == (t < 0.3), t
     assert asked == [4, 5]  # noise of its own (steps + step), which no step adds to z
+    given, decide = [], pixeldlm.decide
+    monkeypatch.setattr(pixeldlm, 'decide', lambda *args: given.append(args[5:]) or decide(*args))  # the uniform
+    noise = [torch.randn(2, 3, 8, 8) for _ in range(8)]
+    ddim_sample(model, torch.randn(2, 3, 8, 8), steps=4, draw_below=0.3, step_noise=lambda step: noise[step])
+    assert torch.allclose(given[0][0], 0.5 * (1 + torch.erf(noise[4] / math.sqrt(2))))  # Phi: uniform in [0, 1]
+    assert given[-1] == ()  # the last step: the most likely colors
+    monkeypatch.undo()
     a = generate(model, num_samples=3, steps=4, seed=7, base=7, eot_id=0, draw_below=0.6)
     later = generate(model, num_samples=2, steps=4, seed=7, base=7, eot_id=0, first=1, draw_below=0.6)
     assert torch.equal(later[1], a[1][1:])  # seeded per sample, as the noise is
@@ -1462,7 +1473,6 @@ def test_one_trainer_per_out_dir_and_a_killed_one_leaves_no_lock(data_dir, tmp_p
     (['--time_delay=-0.1'], '--time_delay=-0.1 is out of range: it must be between 0 and 1'),
     (['--renoise_above=1.5'], '--renoise_above=1.5 is out of range: it must be between 0 and 1'),
     (['--draw_below=-0.5'], '--draw_below=-0.5 is out of range: it must be between 0 and 1'),
-    (['--objective=v', '--draw_below=0.5'], '--draw_below=0.5 is out of range: it must be 0 with --objective=v'),
     (['--sample_steps=0'], '--sample_steps=0 is out of range: it must be at least 1'),
     (['--device=banana'], "--device='banana' is not a device"),
     (['--device=cuda'], 'no CUDA GPU'),
