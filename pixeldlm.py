@@ -119,7 +119,7 @@ presets = {
     # wrote more words per minute than 192 or 256); a sampler that draws z afresh from x_hat and new noise at every
     # step, most of them late, above the band the model trained on, where it keeps revising letters instead of
     # copying them; 100 steps, not 20 (more revisions, more words, for 0.35 s a sample); x_hat drawn, not the
-    # mean, below t = 0.95 (two-fifths to an eighth as many runs of one character: more entropy, as many words).
+    # mean, below t = 0.95 (a quarter to a twelfth as many runs of one character: more entropy, as many words).
     # Data: prepare_data.py --encoding=bytes
     'classroom': dict(out_dir='out-classroom', data_dir='data/bytes', objective='tokens', P_mean=0.8, P_std=0.1,
                       sample_steps=100, time_shift=8.0, renoise_above=0.0, draw_below=0.95,
