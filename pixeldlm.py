@@ -71,7 +71,7 @@ n_embd = 768
 # GPU run (README, "The 8-GPU defaults")
 color_base = 0
 objective = 'digits'  # cross-entropy on each channel's 'digits', on whole 'tokens', or 'v': JiT's v-loss on pixels
-pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': the original
+pixel_order = 'patch'  # ids fill the image patch by patch (a patch holds consecutive tokens); 'row': row by row
 rope = 'text'  # rotary positions in attention: a patch's place in the 'text' (reading order), its 'grid' row and
                # column (JiT's 2D), or 'none'; on top of the fixed sin-cos table
 # diffusion: t ~ logit-normal(P_mean, P_std), t=0 is pure noise and t=1 the clean image
@@ -108,7 +108,7 @@ compile = True  # torch.compile the model (worth it on GPUs; slow to start on a 
 seed = 1337
 peak_flops = 0.0  # the device's peak FLOP/s for the MFU printout; 0 looks it up in PEAK_FLOPS
 collective_timeout = 600  # seconds a process waits for the others before it stops the run, naming who is missing
-preset = ''  # start from a named set of values below; flags after it still win
+preset = ''  # start from a named set of values below; every other --key=value flag wins over it
 # -----------------------------------------------------------------------------
 # configure() (in the plumbing at the end) applies the preset, then a resumed run's saved values, then the flags
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -291,7 +291,7 @@ class Block(nn.Module):
 class JiT(nn.Module):
     """Predicts the clean image x from a noisy image z_t. An optional clean condition image (a prompt)
     goes in front of the target in the same sequence, as if the two were stacked into one tall image.
-    model_from_config builds it from a run's config; its own defaults are the original design's plain model."""
+    model_from_config builds it from a run's config; its own defaults are a plain regression model."""
 
     def __init__(self, img_size, patch_size, n_layer, n_head, n_embd, digit_classes=0, token_classes=0, rope='none',
                  tile=1):
@@ -623,8 +623,12 @@ def load_data():
         if longest >= img_size ** 2:
             sys.exit(f"error: {data_dir} holds a prompt or answer of {longest} tokens, but a {img_size}x{img_size} "
                      f"image has room for {img_size ** 2 - 1} and the end-of-text; raise --img_size or shorten it")
-    data['n_pairs'] = (0 if not data['train_pairs'] else round(pair_fraction * batch_size) if meta['train_tokens']
-                       else batch_size)
+    if not data['train_pairs']:
+        data['n_pairs'] = 0
+    elif meta['train_tokens']:
+        data['n_pairs'] = round(pair_fraction * batch_size)
+    else:
+        data['n_pairs'] = batch_size  # pairs only
     return data
 
 
@@ -734,8 +738,8 @@ def muon_matrices(model):
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (the same update with its default scaling, the same settings and saved state) with its
     Newton-Schulz iterations in ns_dtype. torch's run them in bf16 always, which a CPU without bf16 instructions
-    emulates: 10.5 s a step for the 6x256 classroom model of then on a 2-core AVX2 EPYC, against 0.9 s for its
-    forward and backward; in fp32 there it took 0.25-0.3 s."""
+    emulates many times slower than fp32: on a 2-core AVX2 EPYC, 10.5 s a step for a 6x256 model whose forward
+    and backward took 0.9 s; 0.25-0.3 s in fp32."""
 
     def __init__(self, params, ns_dtype, **settings):
         super().__init__(params, **settings)
@@ -897,7 +901,7 @@ def log_line(iter_num, lossf, grad_normf, lr, meter, world_size, dev):
     seconds = time.time() - meter['clock']
     gpu = torch.cuda.get_device_name(dev) if dev.startswith('cuda') else ''
     peak = peak_flops or next((flops for name, flops in PEAK_FLOPS.items() if name in gpu), 0.0)
-    mfu = f"{meter['flops'] / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's, as all ranks'
+    mfu = f"{meter['flops'] / seconds / peak * 100:.1f}%" if peak else '-'  # this rank's: every rank does the same work
     memory = f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.1f} GiB, " if dev.startswith('cuda') else ''
     return (f"iter {iter_num}/{max_iters} ({iter_num / max_iters:.0%}): loss {lossf:.4f}, grad norm {grad_normf:.3f}, "
             f"lr {lr:.2e}, {seconds / meter['iters'] * 1000:.0f} ms/iter, "

@@ -75,10 +75,14 @@ def note(message):  # progress of long runs goes to stderr, so stdout holds just
 # -----------------------------------------------------------------------------
 # the quality report (--eval): does it write text?
 
+RECOVERY_TS = (0.3, 0.5, 0.7, 0.9)  # the noise levels token recovery is measured at
+
+
 @torch.no_grad()
 def recovery_accuracy(model, ids, mask, t, noise, base, eot_id, tile=1):
-    """Noise clean texts to time t and decode ONE x_hat: (fraction of text tokens recovered exactly,
-    fraction of texts ending inside the image whose end-of-text comes back at the right place)."""
+    """Noise clean texts to time t and decode ONE x_hat, the model's output (a classifying head's mean color, not
+    the sampler's last-step argmax): (fraction of text tokens recovered exactly, fraction of texts ending inside
+    the image whose end-of-text comes back at the right place)."""
     x = ids_to_image(ids, base, tile)
     x_hat = model(t * x + (1 - t) * noise, torch.full((len(x),), t, device=x.device))
     predicted = image_to_ids(x_hat, base, tile)
@@ -162,15 +166,26 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
 
 
 @torch.no_grad()
-def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, **sampler):
+def generate_ids(model, n, steps, seed, base, eot_id, time_shift, prompts=None, guidance=1.0, batch_size=None,
+                 **sampler):
+    """The ids of n samples (or of the answers to n prompts), batch_size at a time (None: all at once): each
+    sample's noise depends on its index alone, so the batches change nothing but the memory."""
+    batch_size = batch_size or n
+    return torch.cat([generate(model, min(batch_size, n - first), steps, seed, base, eot_id, time_shift,
+                               None if prompts is None else prompts[first:first + batch_size], guidance, first,
+                               **sampler)[1] for first in range(0, n, batch_size)])
+
+
+def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, batch_size=None,
+                    **sampler):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
     token accuracy: over the reference's tokens and its end-of-text, seconds per answer). sampler: eta,
     time_delay, renoise_above, draw_below for generate."""
     stream, bounds = pairs
     bounds = bounds[:n_prompts]
     clock = time.time()
-    _, ids = generate(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
-                      [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, **sampler)
+    ids = generate_ids(model, len(bounds), steps, seed, base, enc.eot_token, time_shift,
+                       [stream[a:b].tolist() for a, b, _, _ in bounds], guidance, batch_size, **sampler)
     seconds = (time.time() - clock) / len(bounds)
     exact, right, total = 0, 0, 0
     for row, (_, _, a, b) in zip(ids.tolist(), bounds):
@@ -183,10 +198,11 @@ def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prom
 
 @torch.no_grad()
 def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_shift=1.0, guidance=1.0,
-                   n_windows=64, n_samples=32, **sampler):
+                   n_windows=64, n_samples=32, batch_size=None, **sampler):
     """Seeded numbers for one checkpoint. On text: validation loss (t ~ logit-normal(t_mean, t_std) as in
     training), token recovery at fixed t, and statistics of n_samples unconditional samples. On held-out
-    prompt/answer pairs: answer accuracy without guidance (w = 1) and with it."""
+    prompt/answer pairs: answer accuracy without guidance (w = 1) and with it. batch_size: samples or answers
+    generated at once (None: all)."""
     meta = load_meta(data_dir)
     report = {}
     if meta.get('val_pairs'):
@@ -194,7 +210,7 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
         for w in sorted({1.0, guidance}):
             note(f"eval: answering held-out prompts with guidance w={w:g}")
             report[f'answers_w{w:g}'] = answer_accuracy(model, enc, pairs, base, steps, time_shift, w, seed=seed,
-                                                        **sampler)
+                                                        batch_size=batch_size, **sampler)
     if not meta['val_tokens']:
         return report
     dev = model.pos_embed.device
@@ -203,18 +219,19 @@ def quality_report(model, enc, data_dir, base, t_mean, t_std, seed, steps, time_
     ids, mask = map(torch.from_numpy, get_batch(load_tokens(data_dir, 'val'), rng, n_windows, side * side,
                                                  enc.eot_token))
     noise = torch.randn(len(ids), 3, side, side, generator=gen).to(dev)
-    t = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
+    t_val = torch.sigmoid(torch.randn(len(ids), generator=gen) * t_std + t_mean).to(dev)
     ids, mask = ids.to(dev), mask.to(dev)
     note(f"eval: validation loss and token recovery on {n_windows} held-out windows")
     x, mask_image = ids_to_image(ids, base, tile), to_grid(mask[..., None].float(), tile)
-    report['val_loss'] = diffusion_loss(model, x, mask_image, t, noise, model.digit_classes,
+    report['val_loss'] = diffusion_loss(model, x, mask_image, t_val, noise, model.digit_classes,
                                         token_classes=model.token_classes).item()
-    for t in (0.3, 0.5, 0.7, 0.9):
+    for t in RECOVERY_TS:
         report[f'recovery_t{t}'], report[f'eot_position_t{t}'] = recovery_accuracy(model, ids, mask, t, noise,
                                                                                   base, enc.eot_token, tile)
     note(f"eval: {n_samples} samples of {steps} DDIM steps")
     clock = time.time()
-    _, sample_ids = generate(model, n_samples, steps, seed, base, enc.eot_token, time_shift, **sampler)
+    sample_ids = generate_ids(model, n_samples, steps, seed, base, enc.eot_token, time_shift, batch_size=batch_size,
+                              **sampler)
     report['seconds_per_sample'], report['n_samples'] = (time.time() - clock) / n_samples, n_samples
     note("eval: statistics against the training text")
     report.update(sample_statistics(sample_ids.tolist(), ids.tolist(), load_tokens(data_dir, 'train'), enc, rng))
@@ -242,7 +259,7 @@ def join(images, dim, gap):
     return torch.cat([part for image in images for part in (image, white)][:-1], dim=dim)
 
 
-def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8; in base 256 a color's value is its digit
+def to_pixels(images):  # (B, 3, S, S) in [-1, 1] -> uint8
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
 
 
@@ -258,28 +275,27 @@ def print_report(r, ckpt_path, seed, steps, time_shift, sampler):
               f"{per_token:6.1%} ({seconds:.3f} s/answer)")
     if 'val_loss' not in r:
         return
-    ts = (0.3, 0.5, 0.7, 0.9)
     percent = lambda v: '   n/a' if math.isnan(v) else f"{v:6.1%}"  # n/a: no window ends inside its image
-    progress = (r['bigram_hits'] - r['bigram_floor']) / max(r['bigram_ceiling'] - r['bigram_floor'], 1e-9)
-    words_way = (r['word_hits'] - r['word_floor']) / max(r['word_ceiling'] - r['word_floor'], 1e-9)
+    way = lambda kind: (r[f'{kind}_hits'] - r[f'{kind}_floor']) / max(r[f'{kind}_ceiling'] - r[f'{kind}_floor'], 1e-9)
     print(f"word hits             {r['word_hits']:.1%} of sampled words occur in the training text (floor "
-          f"{r['word_floor']:.1%}, ceiling {r['word_ceiling']:.1%}: {words_way:.0%} of the way)")
+          f"{r['word_floor']:.1%}, ceiling {r['word_ceiling']:.1%}: {way('word'):.0%} of the way)")
     print(f"validation loss       {r['val_loss']:.4f}")
-    print("token recovery        " + "  ".join(f"t={t}: {percent(r[f'recovery_t{t}'])}" for t in ts))
-    print("end-of-text position  " + "  ".join(f"t={t}: {percent(r[f'eot_position_t{t}'])}" for t in ts))
+    print("token recovery        " + "  ".join(f"t={t}: {percent(r[f'recovery_t{t}'])}" for t in RECOVERY_TS))
+    print("end-of-text position  " + "  ".join(f"t={t}: {percent(r[f'eot_position_t{t}'])}" for t in RECOVERY_TS))
     print(f"samples               {r['seconds_per_sample']:.3f} s/sample")
     print(f"valid ids             {r['valid_ids']:.1%}")
     print(f"ended with end-of-text {r['ended']:.1%} (real windows of this size: {r['ended_real']:.1%})")
     print(f"unigram entropy       {r['entropy']:.2f} bits (real text: {r['entropy_real']:.2f})")
     print(f"bigram hit rate       {r['bigram_hits']:.1%} (floor {r['bigram_floor']:.1%}, ceiling "
-          f"{r['bigram_ceiling']:.1%}: {progress:.0%} of the way)")
+          f"{r['bigram_ceiling']:.1%}: {way('bigram'):.0%} of the way)")
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out_dir', default='out', help='the folder holding ckpt.pt')
     parser.add_argument('--num_samples', type=int, help='samples to print (default 3), or for --eval (default 32)')
-    parser.add_argument('--batch_size', type=int, default=64, help='samples generated at once (memory grows with it)')
+    parser.add_argument('--batch_size', type=int,
+                        help='samples generated at once (default 64; --eval: all at once); memory grows with it')
     parser.add_argument('--steps', type=int, help="DDIM steps (default: the checkpoint's sample_steps)")
     parser.add_argument('--time_shift', type=float, help="the sampler's grid (default: the checkpoint's)")
     parser.add_argument('--eta', type=float, help="0: deterministic DDIM, 1: DDPM steps (default: the checkpoint's)")
@@ -315,6 +331,12 @@ if __name__ == '__main__':
             parser.error(f"--{key} must be between 0 and 1, not {getattr(args, key)}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance must be finite, not {args.guidance}")
+    ignored = [flag for flag, given in (('--png', args.png), ('--show_steps', args.show_steps),
+                                        ('--prompt', args.prompt is not None), ('--prompt_file', args.prompt_file))
+               if given]
+    if args.eval and ignored:
+        parser.error(f"--eval prints the quality report only (its prompts are the data's held-out ones); drop "
+                     f"{', '.join(ignored)}")
     if args.png and (os.path.isdir(args.png) or not os.path.isdir(os.path.dirname(os.path.abspath(args.png)))):
         parser.error(f"--png={args.png}: give a file path in a folder that exists")
 
@@ -362,14 +384,15 @@ if __name__ == '__main__':
         with autocast:
             report = quality_report(model, enc, data_dir, config['color_base'], config['P_mean'], config['P_std'],
                                     args.seed, steps, time_shift, guidance, n_samples=args.num_samples or 32,
-                                    **sampler)
+                                    batch_size=args.batch_size, **sampler)
         print_report(report, ckpt_path, args.seed, steps, time_shift, sampler)
         sys.exit(0)
     prompt_ids = None if prompts is None else [enc.encode_ordinary(p) for p in prompts]
     n_samples = (args.num_samples or 3) if prompts is None else len(prompts)
     cells, clock = [], time.time()  # cells: what --png shows of each sample
-    for first in range(0, n_samples, args.batch_size):  # one batch at a time: memory does not grow with n_samples
-        n = min(args.batch_size, n_samples - first)
+    batch_size = args.batch_size or 64
+    for first in range(0, n_samples, batch_size):  # one batch at a time: memory does not grow with n_samples
+        n = min(batch_size, n_samples - first)
         trajectory = [] if args.show_steps else None
         try:
             with autocast:
@@ -398,7 +421,7 @@ if __name__ == '__main__':
             cells += [join([p, a], 2, 1) for p, a in zip(asked, to_pixels(images))]
         elif args.png:
             cells += list(to_pixels(images))
-        if n_samples > args.batch_size:
+        if n_samples > batch_size:
             done, seconds = first + n, time.time() - clock
             note(f"sampled {done} of {n_samples} in {seconds:.0f} s, ETA {seconds / done * (n_samples - done):.0f} s")
     seconds = time.time() - clock

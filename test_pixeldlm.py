@@ -1051,6 +1051,16 @@ def test_answer_accuracy_is_perfect_for_a_copier_and_zero_for_a_model_that_ignor
     assert exact == per_token == 1.0
     exact, per_token, _ = sample.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=0.0)
     assert exact == 0.0 and per_token < 0.05
+    sizes, generate = [], sample.generate
+
+    def counting_generate(model, n, *args, **kwargs):
+        out = generate(model, n, *args, **kwargs)
+        sizes.append(len(out[1]))
+        return out
+    with pytest.MonkeyPatch.context() as patch:  # in batches of 8, each batch with its own prompts
+        patch.setattr(sample, 'generate', counting_generate)
+        exact, per_token, _ = sample.answer_accuracy(Copier(), enc, pairs, 7, 3, 1.0, guidance=1.0, batch_size=8)
+    assert exact == per_token == 1.0 and sizes == [8, 8, 3]  # the 19 held-out prompts
 
     class NeverStops(Copier):  # copies the prompt but writes 'x' where the end-of-text belongs
         def forward(self, z, t, cond=None, logits=False):
@@ -1620,6 +1630,24 @@ def test_sample_py_samples_in_batches_and_a_batch_size_changes_nothing(trained, 
         texts[batch_size] = capsys.readouterr().out.rsplit('----------', 1)[0]
     assert sizes == [2, 2, 1, 5]  # memory holds one batch, not --num_samples
     assert texts[2] == texts[5] and texts[2].count('---------- sample') == 5
+    reports = {}
+    for flags in (['--batch_size=2'], []):  # --eval: all at once unless told
+        sizes.clear()
+        monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={trained}', '--eval', '--num_samples=5',
+                                          '--steps=2', '--device=cpu', *flags])
+        with pytest.raises(SystemExit):
+            runpy.run_path(os.path.join(REPO, 'sample.py'), run_name='__main__')
+        reports[len(flags)] = [line for line in capsys.readouterr().out.splitlines() if 's/sample' not in line]
+        assert sizes == ([2, 2, 1] if flags else [5])
+    assert reports[0] == reports[1] and any(line.startswith('word hits') for line in reports[0])
+
+
+def test_eval_refuses_the_flags_it_would_ignore(trained, tmp_path):
+    for flag in (f'--png={tmp_path}/x.png', '--show_steps', '--prompt=hello', f'--prompt_file={tmp_path}/p.txt'):
+        proc = run('sample.py', f'--out_dir={trained}', '--eval', flag, check=False)
+        assert proc.returncode != 0 and '--eval prints the quality report only' in proc.out, proc.out
+        assert flag.split('=')[0] in proc.out.strip().splitlines()[-1] and 'Traceback' not in proc.out
+    assert not (tmp_path / 'x.png').exists()
 
 
 @pytest.mark.parametrize('key, flag, saved, given, shown', [
