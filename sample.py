@@ -165,7 +165,6 @@ def sample_statistics(sample_ids, real_ids, train_tokens, enc, rng):
     return stats
 
 
-@torch.no_grad()
 def generate_ids(model, n, steps, seed, base, eot_id, time_shift, prompts=None, guidance=1.0, batch_size=None,
                  **sampler):
     """The ids of n samples (or of the answers to n prompts), batch_size at a time (None: all at once): each
@@ -176,6 +175,7 @@ def generate_ids(model, n, steps, seed, base, eot_id, time_shift, prompts=None, 
                                **sampler)[1] for first in range(0, n, batch_size)])
 
 
+@torch.no_grad()
 def answer_accuracy(model, enc, pairs, base, steps, time_shift, guidance, n_prompts=200, seed=0, batch_size=None,
                     **sampler):
     """Answer the first n_prompts held-out prompts: (exact-match rate: the answer's text is the reference,
